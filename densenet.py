@@ -1,0 +1,326 @@
+"""DenseNet (Huang, Liu, van der Maaten, Weinberger, CVPR 2017) in one copyable file.
+
+Imports torch and the standard library only. Module and parameter names follow
+torchvision's DenseNet, so its ImageNet checkpoints load with strict=True.
+"""
+
+import re
+from collections.abc import Sequence
+from contextlib import nullcontext
+from os import PathLike
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "DenseNet",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet264",
+    "densenet_cifar",
+    "load_torchvision_checkpoint",
+]
+
+BN_SIZE = 4  # bottleneck width: the 1x1 conv produces 4k feature maps (paper, Sec. 3)
+
+
+class _ScratchRunningStats:
+    """Let a recomputation update throwaway copies of BN's running statistics, so the
+    batch is counted once (torchvision and efficient_densenet_pytorch count it twice).
+    A class, not @contextmanager: each backward through the graph enters it again."""
+
+    def __init__(self, norm: nn.BatchNorm2d):
+        self.norm = norm
+
+    def __enter__(self):
+        self.real = dict(self.norm.named_buffers(recurse=False))
+        for name, buf in self.real.items():
+            setattr(self.norm, name, buf.clone())
+
+    def __exit__(self, *exc):
+        for name, buf in self.real.items():
+            setattr(self.norm, name, buf)
+
+
+class _DenseLayer(nn.Module):
+    """BN-ReLU-Conv1x1(4k)-BN-ReLU-Conv3x3(k) with bottleneck, BN-ReLU-Conv3x3(k) without.
+
+    Dropout follows every conv, as in the authors' Lua code (models/densenet.lua).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        growth_rate: int,
+        bottleneck: bool,
+        drop_rate: float,
+        memory_efficient: bool,
+    ):
+        super().__init__()
+        mid = BN_SIZE * growth_rate if bottleneck else growth_rate
+        kernel = 1 if bottleneck else 3
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(
+            in_channels, mid, kernel, padding=kernel // 2, bias=False
+        )
+        if bottleneck:
+            self.norm2 = nn.BatchNorm2d(mid)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False)
+        self.bottleneck = bottleneck
+        self.drop_rate = drop_rate
+        self.memory_efficient = memory_efficient
+
+    def _first_conv(self, *features: Tensor) -> Tensor:
+        """Concatenation, BN, ReLU and the first conv: the part whose inputs grow with depth."""
+        return self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        if self.memory_efficient and self.training and torch.is_grad_enabled():
+            # Keep only the (linear-size) output; the concatenation and BN output of
+            # every layer are recomputed in backward, so memory grows linearly with depth.
+            # Under torch.compile the running-stat update is a traced buffer mutation that
+            # happens once, so only eager mode needs the scratch-stats recomputation context.
+            kwargs = {}
+            if not torch.compiler.is_compiling():
+                kwargs["context_fn"] = lambda: (
+                    nullcontext(),
+                    _ScratchRunningStats(self.norm1),
+                )
+            out = checkpoint(
+                self._first_conv,
+                *features,
+                use_reentrant=False,
+                preserve_rng_state=False,  # nothing random inside: dropout comes after
+                **kwargs,
+            )
+        else:
+            out = self._first_conv(*features)
+        if self.drop_rate > 0:
+            out = F.dropout(out, self.drop_rate, self.training)
+        if self.bottleneck:
+            out = self.conv2(self.relu2(self.norm2(out)))
+            if self.drop_rate > 0:
+                out = F.dropout(out, self.drop_rate, self.training)
+        return out
+
+
+class _DenseBlock(nn.ModuleDict):
+    """num_layers dense layers; each sees the concatenation of all earlier outputs."""
+
+    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, **layer_kw):
+        super().__init__()
+        for i in range(num_layers):
+            layer = _DenseLayer(in_channels + i * growth_rate, growth_rate, **layer_kw)
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class _Transition(nn.Module):
+    """BN-ReLU-Conv1x1(floor(compression * m))-AvgPool2x2 between dense blocks."""
+
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.pool = nn.AvgPool2d(2, stride=2)
+        self.drop_rate = drop_rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(self.relu(self.norm(x)))
+        if self.drop_rate > 0:  # the Lua code drops out after the transition conv too
+            x = F.dropout(x, self.drop_rate, self.training)
+        return self.pool(x)
+
+
+class DenseNet(nn.Module):
+    """DenseNet for CIFAR-style (3x3 stem) or ImageNet-style (7x7/2 stem) inputs."""
+
+    def __init__(
+        self,
+        growth_rate: int,
+        block_config: Sequence[int],
+        num_init_features: int | None = None,
+        bottleneck: bool = True,
+        compression: float = 0.5,
+        drop_rate: float = 0.0,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        stem: str = "cifar",
+        memory_efficient: bool = False,
+    ):
+        super().__init__()
+        _check_args(growth_rate, block_config, compression, drop_rate, stem)
+        if num_init_features is None:
+            # The paper's stem has 16 channels, or 2k for DenseNet-BC; its non-BC
+            # parameter counts need 16. The authors' Lua code always uses 2k.
+            bc = bottleneck and compression < 1
+            num_init_features = 2 * growth_rate if bc else 16
+        self.features = nn.Sequential()
+        if stem == "cifar":
+            self.features.add_module(
+                "conv0",
+                nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False),
+            )
+        else:
+            self.features.add_module(
+                "conv0",
+                nn.Conv2d(in_channels, num_init_features, 7, 2, padding=3, bias=False),
+            )
+            self.features.add_module("norm0", nn.BatchNorm2d(num_init_features))
+            self.features.add_module("relu0", nn.ReLU(inplace=True))
+            self.features.add_module("pool0", nn.MaxPool2d(3, stride=2, padding=1))
+
+        channels = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = _DenseBlock(
+                num_layers,
+                channels,
+                growth_rate,
+                bottleneck=bottleneck,
+                drop_rate=drop_rate,
+                memory_efficient=memory_efficient,
+            )
+            self.features.add_module(f"denseblock{i + 1}", block)
+            channels += num_layers * growth_rate
+            if i < len(block_config) - 1:
+                out = int(compression * channels)  # floor, as the Lua code does
+                self.features.add_module(
+                    f"transition{i + 1}", _Transition(channels, out, drop_rate)
+                )
+                channels = out
+        self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.classifier = nn.Linear(channels, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He-normal (fan_out) convs, BN weight 1 and bias 0, Linear bias 0: the Lua code's init."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.features(x), inplace=True)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.classifier(x)
+
+
+def _check_args(
+    growth_rate: int,
+    block_config: Sequence[int],
+    compression: float,
+    drop_rate: float,
+    stem: str,
+) -> None:
+    if not isinstance(growth_rate, int) or growth_rate <= 0:
+        raise ValueError(f"growth_rate must be a positive integer, got {growth_rate!r}")
+    if len(block_config) == 0 or any(int(n) <= 0 for n in block_config):
+        raise ValueError(
+            f"block_config must be a non-empty list of positive layer counts, got {list(block_config)!r}"
+        )
+    if not 0 < compression <= 1:
+        raise ValueError(f"compression must be in (0, 1], got {compression!r}")
+    if not 0 <= drop_rate < 1:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    if stem not in ("cifar", "imagenet"):
+        raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+
+
+def densenet_cifar(
+    depth: int,
+    growth_rate: int,
+    bottleneck: bool = True,
+    compression: float = 0.5,
+    **kwargs,
+) -> DenseNet:
+    """The paper's CIFAR/SVHN DenseNet-{depth}-{k}: three equal blocks of 3x3 (or bottleneck) layers.
+
+    depth counts the stem conv, two transition convs, the classifier and every conv in
+    the blocks: (depth - 4) / 3 layers per block, or (depth - 4) / 6 with bottleneck.
+    """
+    convs_per_layer = 2 if bottleneck else 1
+    step = 3 * convs_per_layer
+    if depth - 4 < step or (depth - 4) % step:
+        lower = 4 + (depth - 4) // step * step
+        valid = [d for d in (lower, lower + step) if d >= 4 + step]
+        kind = "DenseNet-BC" if bottleneck else "DenseNet"
+        raise ValueError(
+            f"depth {depth} does not fit {kind}: depth - 4 must be a positive multiple of "
+            f"{step}; nearest valid depths: {' and '.join(map(str, valid))}"
+        )
+    n = (depth - 4) // step
+    return DenseNet(
+        growth_rate, (n, n, n), bottleneck=bottleneck, compression=compression, **kwargs
+    )
+
+
+def _imagenet(growth_rate: int, block_config: Sequence[int], **kwargs) -> DenseNet:
+    kwargs.setdefault("num_classes", 1000)
+    return DenseNet(growth_rate, block_config, stem="imagenet", **kwargs)
+
+
+def densenet121(**kwargs) -> DenseNet:
+    """DenseNet-121 (k=32, blocks 6-12-24-16) for ImageNet."""
+    return _imagenet(32, (6, 12, 24, 16), **kwargs)
+
+
+def densenet169(**kwargs) -> DenseNet:
+    """DenseNet-169 (k=32, blocks 6-12-32-32) for ImageNet."""
+    return _imagenet(32, (6, 12, 32, 32), **kwargs)
+
+
+def densenet201(**kwargs) -> DenseNet:
+    """DenseNet-201 (k=32, blocks 6-12-48-32) for ImageNet."""
+    return _imagenet(32, (6, 12, 48, 32), **kwargs)
+
+
+def densenet264(**kwargs) -> DenseNet:
+    """DenseNet-264 (k=32, blocks 6-12-64-48) for ImageNet."""
+    return _imagenet(32, (6, 12, 64, 48), **kwargs)
+
+
+def densenet161(**kwargs) -> DenseNet:
+    """DenseNet-161 (k=48, blocks 6-12-36-24, 96-channel stem) for ImageNet."""
+    kwargs.setdefault("num_init_features", 96)
+    return _imagenet(48, (6, 12, 36, 24), **kwargs)
+
+
+# Old torchvision checkpoints name dense-layer modules "norm.1" instead of "norm1".
+_LEGACY_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
+
+
+def load_torchvision_checkpoint(model: DenseNet, path: str | PathLike) -> None:
+    """Load a torchvision DenseNet state_dict file (legacy keys included) into model, strictly."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"cannot read {path} as a torch checkpoint: {reason}"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(v, Tensor) for v in state.values()
+    ):
+        raise ValueError(f"{path} is not a state_dict (a dict of tensors)")
+    state = {_LEGACY_KEY.sub(r"\1\2.", k): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split()[1:])[:300]  # drop "Error(s)", keep one line
+        raise ValueError(f"{path} does not fit this DenseNet: {detail}") from None

@@ -1,0 +1,338 @@
+"""densenet.py against independent facts: the paper's parameter counts, gradcheck,
+the plain path for the memory-efficient one, and torchvision's DenseNet."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import densenet as D
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Parameter counts from the paper (Table 2) as given exactly in the issue tracker; the
+# ImageNet ones are torchvision's published figures.
+PAPER_COUNTS = [
+    (lambda: D.densenet_cifar(40, 12, bottleneck=False, compression=1), 1_019_722),
+    (lambda: D.densenet_cifar(100, 12, bottleneck=False, compression=1), 6_979_642),
+    (lambda: D.densenet_cifar(100, 24, bottleneck=False, compression=1), 27_249_082),
+    (lambda: D.densenet_cifar(100, 12), 769_162),
+    (lambda: D.densenet_cifar(100, 12, num_classes=100), 800_032),
+    (lambda: D.densenet_cifar(250, 24), 15_324_406),
+    (lambda: D.densenet_cifar(190, 40), 25_624_430),
+    (D.densenet121, 7_978_856),
+    (D.densenet169, 14_149_480),
+    (D.densenet201, 20_013_928),
+    (D.densenet161, 28_681_000),
+]
+
+
+@pytest.mark.parametrize("build,expected", PAPER_COUNTS)
+def test_parameter_counts_match_the_paper(build, expected):
+    assert n_params(build()) == expected
+
+
+def test_output_shapes_cifar_mnist_imagenet():
+    with torch.no_grad():
+        cifar = D.densenet_cifar(40, 12, bottleneck=False, compression=1).eval()
+        assert cifar(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        mnist = D.densenet_cifar(10, 4, in_channels=1).eval()
+        assert mnist(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        imagenet = D.densenet121().eval()
+        assert imagenet(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_stem_channels_follow_the_paper_and_can_be_set():
+    assert (
+        D.densenet_cifar(
+            40, 12, bottleneck=False, compression=1
+        ).features.conv0.out_channels
+        == 16
+    )
+    assert D.densenet_cifar(100, 12).features.conv0.out_channels == 24
+    lua = D.densenet_cifar(
+        40, 12, bottleneck=False, compression=1, num_init_features=24
+    )
+    assert lua.features.conv0.out_channels == 24
+    assert D.densenet161().features.conv0.out_channels == 96
+
+
+def test_layer_structure_and_init():
+    m = D.densenet_cifar(10, 4)  # BC: one bottleneck layer per block
+    layer = m.features.denseblock1.denselayer1
+    assert layer.conv1.kernel_size == (1, 1) and layer.conv1.out_channels == 16
+    assert layer.conv2.kernel_size == (3, 3) and layer.conv2.out_channels == 4
+    trans = m.features.transition1
+    assert trans.conv.out_channels == int(0.5 * (8 + 4))
+    assert all(c.bias is None for c in m.modules() if isinstance(c, nn.Conv2d))
+    assert all(
+        torch.all(b.weight == 1) and torch.all(b.bias == 0)
+        for b in m.modules()
+        if isinstance(b, nn.BatchNorm2d)
+    )
+    assert torch.all(m.classifier.bias == 0)
+    # He-normal, fan_out: std sqrt(2 / (k*k*out)) on a large conv
+    big = D.densenet_cifar(100, 24).features.denseblock3.denselayer16.conv2
+    fan_out = big.out_channels * 9
+    assert big.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+
+
+def test_dropout_only_in_training():
+    m = D.densenet_cifar(10, 4, drop_rate=0.5)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert not torch.equal(m(x), m(x))
+        m.eval()
+        assert torch.equal(m(x), m(x))
+
+
+def test_dropout_follows_every_conv_but_the_first():
+    m = D.densenet_cifar(10, 4, drop_rate=0.5, bottleneck=False, compression=1)
+    seen = {}
+    m.features.denseblock1.register_forward_hook(
+        lambda mod, i, o: seen.__setitem__("block", o)
+    )
+    m.features.transition1.pool.register_forward_pre_hook(
+        lambda mod, i: seen.__setitem__("pool_in", i[0])
+    )
+    with torch.no_grad():
+        m(torch.randn(8, 3, 16, 16))
+    stem_channels = m.features.conv0.out_channels
+    zeros = lambda t: (t == 0).float().mean().item()
+    assert zeros(seen["block"][:, :stem_channels]) == 0  # stem conv: no dropout
+    assert 0.4 < zeros(seen["block"][:, stem_channels:]) < 0.6  # after the layer conv
+    assert (
+        0.4 < zeros(seen["pool_in"]) < 0.6
+    )  # after the transition conv, before pooling
+
+
+def _tiny(
+    bottleneck: bool, memory_efficient: bool = False, drop_rate: float = 0.0
+) -> D.DenseNet:
+    torch.manual_seed(0)
+    return D.DenseNet(
+        growth_rate=3,
+        block_config=(2, 2),
+        num_init_features=4,
+        bottleneck=bottleneck,
+        compression=0.5,
+        drop_rate=drop_rate,
+        num_classes=3,
+        memory_efficient=memory_efficient,
+    ).double()
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_gradcheck_float64(bottleneck, memory_efficient):
+    model = _tiny(bottleneck, memory_efficient)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        return torch.func.functional_call(model, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(
+        f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True
+    )
+
+
+def _train_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int
+) -> torch.Tensor:
+    torch.manual_seed(seed)  # same dropout masks on both paths
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    return out
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+@pytest.mark.parametrize("drop_rate", [0.0, 0.2])
+def test_memory_efficient_equals_plain(bottleneck, drop_rate):
+    plain = _tiny(bottleneck, drop_rate=drop_rate)
+    efficient = _tiny(bottleneck, memory_efficient=True, drop_rate=drop_rate)
+    efficient.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    for step in range(2):
+        a = _train_step(plain, x, y, step)
+        b = _train_step(efficient, x, y, step)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(plain.named_parameters(), efficient.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, s), t in zip(plain.named_buffers(), efficient.buffers()):
+        # running_mean, running_var and num_batches_tracked counted once per step
+        torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12, msg=name)
+    assert plain.features.norm5.num_batches_tracked.item() == 2
+
+
+def _count_norm1_calls(model: D.DenseNet) -> list[int]:
+    calls = [0]
+    # BN, not the conv: recomputation stops early, inside the conv, once all it needs is saved
+    norm = model.features.denseblock1.denselayer2.norm1
+    norm.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_recomputation_only_when_training_with_grad():
+    model = _tiny(True, memory_efficient=True)
+    calls = _count_norm1_calls(model)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model(x).sum().backward()
+    assert calls[0] == 2  # forward + recomputation in backward
+    model.eval()
+    model(x).sum().backward()
+    assert calls[0] == 3  # eval: no checkpoint
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert calls[0] == 4
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the activations autograd keeps for backward: distinct storages, parameters
+    excluded (DenseNet's parameter count itself grows quadratically with depth)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return sum(storages.values())
+
+
+def test_memory_efficient_memory_grows_linearly_with_depth():
+    x = torch.randn(2, 3, 8, 8)
+    saved = {}
+    for efficient in (False, True):
+        for n in (8, 16, 24):  # layers per block
+            torch.manual_seed(0)
+            model = D.DenseNet(12, (n, n, n), memory_efficient=efficient)
+            saved[efficient, n] = _saved_bytes(model, x)
+    plain = [saved[False, n] for n in (8, 16, 24)]
+    lean = [saved[True, n] for n in (8, 16, 24)]
+    # quadratic: the second difference is clearly positive; linear: about zero
+    assert plain[2] - 2 * plain[1] + plain[0] > 0.2 * (plain[1] - plain[0])
+    assert abs(lean[2] - 2 * lean[1] + lean[0]) < 0.01 * (lean[1] - lean[0])
+    assert lean[2] < 0.5 * plain[2]
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_batch_size_one_train_and_eval(memory_efficient):
+    model = D.densenet_cifar(10, 4, memory_efficient=memory_efficient)
+    x = torch.randn(1, 3, 32, 32)
+    model(x).sum().backward()
+    model.eval()
+    assert model(x).shape == (1, 10)
+
+
+def test_channels_last_matches_nchw():
+    model = D.densenet_cifar(16, 4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        fast = model.to(memory_format=torch.channels_last)(
+            x.to(memory_format=torch.channels_last)
+        )
+    torch.testing.assert_close(ref, fast, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"growth_rate": 0, "block_config": (2,)}, "growth_rate"),
+        ({"growth_rate": -3, "block_config": (2,)}, "growth_rate"),
+        ({"growth_rate": 12, "block_config": ()}, "block_config"),
+        ({"growth_rate": 12, "block_config": (2, 0)}, "block_config"),
+        ({"growth_rate": 12, "block_config": (2,), "compression": 0.0}, "compression"),
+        ({"growth_rate": 12, "block_config": (2,), "compression": 1.5}, "compression"),
+        ({"growth_rate": 12, "block_config": (2,), "drop_rate": 1.0}, "drop_rate"),
+        ({"growth_rate": 12, "block_config": (2,), "drop_rate": -0.1}, "drop_rate"),
+        ({"growth_rate": 12, "block_config": (2,), "stem": "resnet"}, "stem"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        D.DenseNet(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "depth,bottleneck,nearest",
+    [
+        (101, True, "100 and 106"),
+        (41, False, "40 and 43"),
+        (6, True, "10"),
+        (99, True, "94 and 100"),
+    ],
+)
+def test_depth_that_does_not_fit_names_nearest_valid(depth, bottleneck, nearest):
+    with pytest.raises(ValueError, match=f"depth {depth}.*{nearest}"):
+        D.densenet_cifar(depth, 12, bottleneck=bottleneck)
+
+
+TORCHVISION = [
+    (torchvision.models.densenet121, D.densenet121),
+    (torchvision.models.densenet169, D.densenet169),
+    (torchvision.models.densenet201, D.densenet201),
+    (torchvision.models.densenet161, D.densenet161),
+]
+
+
+@pytest.mark.parametrize("theirs,ours", TORCHVISION)
+def test_torchvision_state_dict_loads_strictly(theirs, ours):
+    ours().load_state_dict(theirs().state_dict(), strict=True)
+
+
+def test_torchvision_densenet121_same_outputs_via_legacy_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    tv = torchvision.models.densenet121()
+    with torch.no_grad():  # non-trivial BN statistics, so eval mode tests them too
+        for m in tv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    # Old torchvision files spell dense-layer modules "norm.1"; write one that way.
+    legacy = {
+        k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v
+        for k, v in tv.state_dict().items()
+    }
+    assert any(".norm.1." in k for k in legacy)
+    torch.save(legacy, tmp_path / "densenet121-legacy.pth")
+    ours = D.densenet121()
+    D.load_torchvision_checkpoint(ours, tmp_path / "densenet121-legacy.pth")
+    x = torch.randn(2, 3, 224, 224)
+    tv.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x), rtol=0, atol=0)
+    tv.train(), ours.train()
+    torch.testing.assert_close(ours(x), tv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_checkpoint_files_raise_value_error(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(D.densenet_cifar(10, 4).state_dict(), good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    for path, match in [
+        (truncated, "cannot read"),
+        (garbage, "cannot read"),
+        (good, "does not fit"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            D.load_torchvision_checkpoint(D.densenet121(), path)
+    other = copy.deepcopy(D.densenet_cifar(10, 4))
+    D.load_torchvision_checkpoint(other, good)  # the right model loads
