@@ -7,7 +7,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def readme_commands() -> list[str]:
-    return re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    return re.findall(
+        r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.DOTALL
+    )
 
 
 def test_readme_opens_with_install_and_test_commands():
