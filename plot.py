@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""Plot loss and error curves of one or more training runs from their log.csv files.
+
+Usage: plot.py RUN_DIR [RUN_DIR ...] [--out DIR] [--pdf]
+Writes loss.png and error.png (plus .pdf with --pdf). Safe on runs still in progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+# Error axes switch to log scale when the largest plotted error exceeds this many
+# times the smallest positive one (e.g. 80% at epoch 1 vs 4% at the end).
+LOG_SPAN = 10.0
+SPLITS = {"train": "--", "val": "-", "test": "-"}  # line style per split
+SPLIT_ALPHA = {"train": 1.0, "val": 0.55, "test": 1.0}  # val is a lighter solid line
+
+
+def warn(msg: str) -> None:
+    """Print a one-line warning on stderr."""
+    print(f"plot.py: warning: {msg}", file=sys.stderr)
+
+
+def load_log(run_dir: Path) -> pd.DataFrame | None:
+    """Read run_dir/log.csv; None (with a warning) when it is missing or has no rows yet."""
+    path = run_dir / "log.csv"
+    if not path.is_file():
+        warn(f"skipping {run_dir}: no log.csv")
+        return None
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+        warn(f"skipping {run_dir}: unreadable log.csv ({type(e).__name__})")
+        return None
+    if df.empty or "epoch" not in df.columns:
+        warn(f"skipping {run_dir}: log.csv has no data rows yet")
+        return None
+    return df
+
+
+def run_label(run_dir: Path) -> str:
+    """Legend label: the folder name, plus dataset/depth/growth from args.json when present."""
+    name = run_dir.resolve().name
+    try:
+        args = json.loads((run_dir / "args.json").read_text())
+    except (OSError, ValueError):
+        return name
+    if not isinstance(args, dict):
+        return name
+    keys = {"dataset": "", "depth": "L=", "growth": "k="}
+    extra = " ".join(f"{prefix}{args[k]}" for k, prefix in keys.items() if k in args)
+    return f"{name} ({extra})" if extra else name
+
+
+def plot_metric(
+    ax: Axes, runs: list[tuple[str, pd.DataFrame]], metric: str, log_rule: bool
+) -> None:
+    """Draw `<split>_<metric>` for every run on ax: one colour per run, style per split."""
+    values = []
+    for i, (_, df) in enumerate(runs):
+        color = f"C{i % 10}"
+        marker = "o" if len(df) < 3 else None  # a lone point draws no line segment
+        for split, style in SPLITS.items():
+            col = f"{split}_{metric}"
+            if col in df.columns and df[col].notna().any():
+                ax.plot(
+                    df["epoch"],
+                    df[col],
+                    style,
+                    color=color,
+                    alpha=SPLIT_ALPHA[split],
+                    marker=marker,
+                    linewidth=1.3,
+                )
+                values.extend(df[col].dropna().tolist())
+        if "lr" in df.columns:  # mark learning-rate drops with faint vertical lines
+            drops = df["epoch"][df["lr"] < df["lr"].shift()]
+            for epoch in drops:
+                ax.axvline(epoch, color=color, linestyle=":", alpha=0.3)
+    positive = [v for v in values if v > 0]
+    if positive and (not log_rule or max(positive) > LOG_SPAN * min(positive)):
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def add_legend(ax: Axes, runs: list[tuple[str, pd.DataFrame]], metric: str) -> None:
+    """Legend with one colour entry per run and one line-style entry per split present."""
+    handles = [Line2D([], [], color=f"C{i % 10}") for i in range(len(runs))]
+    labels = [label for label, _ in runs]
+    for split, style in SPLITS.items():
+        if any(f"{split}_{metric}" in df.columns for _, df in runs):
+            handles.append(
+                Line2D([], [], linestyle=style, color="k", alpha=SPLIT_ALPHA[split])
+            )
+            labels.append(split)
+    ax.legend(handles, labels, fontsize="small")
+
+
+def save_atomic(fig: Figure, path: Path) -> None:
+    """Save fig to path via a temp file in the same folder, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=path.suffix[1:], dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; plots are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot_runs(
+    run_dirs: Sequence[Path | str], out_dir: Path | str, pdf: bool = False
+) -> list[Path]:
+    """Write loss and error plots for the runs with data into out_dir; return written paths.
+
+    Runs without data are skipped with a warning; returns [] when none has data.
+    """
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        df = load_log(run_dir)
+        if df is not None:
+            runs.append((run_label(run_dir), df))
+    if not runs:
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    has_top5 = any("test_top5" in df.columns for _, df in runs)
+
+    # Figures are built without pyplot, so nothing is registered globally and
+    # repeated calls (once per epoch from the trainer) leak no memory.
+    loss_fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(loss_fig)
+    ax = loss_fig.subplots()
+    plot_metric(ax, runs, "loss", log_rule=False)  # loss: always log scale
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title("Loss")
+    add_legend(ax, runs, "loss")
+
+    err_fig = Figure(figsize=(12 if has_top5 else 7, 4.5))
+    FigureCanvasAgg(err_fig)
+    axes = err_fig.subplots(1, 2 if has_top5 else 1, squeeze=False)[0]
+    for ax, metric, title in zip(axes, ("err", "top5"), ("Top-1 error", "Top-5 error")):
+        plot_metric(ax, runs, metric, log_rule=True)
+        ax.set_ylabel("error (%)")
+        ax.set_title(title)
+        add_legend(ax, runs, metric)
+
+    written = []
+    for name, fig in (("loss", loss_fig), ("error", err_fig)):
+        for ext in ("png", "pdf") if pdf else ("png",):
+            path = out_dir / f"{name}.{ext}"
+            save_atomic(fig, path)
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: the run folder when one run is given, "
+        "else the current directory)",
+    )
+    parser.add_argument("--pdf", action="store_true", help="also write PDF versions")
+    args = parser.parse_args(argv)
+    out = args.out or (args.runs[0] if len(args.runs) == 1 else Path.cwd())
+    written = plot_runs(args.runs, out, pdf=args.pdf)
+    if not written:
+        print("plot.py: error: no run has any logged epochs to plot", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
