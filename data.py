@@ -1,0 +1,547 @@
+"""DenseNet's datasets: CIFAR-10/100, SVHN, (Fashion-)MNIST on the device; ImageNet.
+
+The small datasets are held on the device as uint8 tensors, then shuffled, cropped,
+flipped and normalised there in batch (no per-image Python), like KellerJordan/airbench.
+torchvision.datasets fetches and parses the files and checks the MD5 of every download;
+any failure to get them becomes one DataError line.
+"""
+
+import gzip
+import math
+import os
+import shutil
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+from tarfile import TarError
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.utils import check_integrity
+
+
+class DataError(Exception):
+    """A user-facing problem with the data: one line, printed without traceback."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the model and the augmentation need to know about a dataset."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    crop_pad: int  # padding of the random-crop augmentation
+    flip: bool  # whether random horizontal flips are allowed (not for digits)
+    url: str  # official homepage, for error messages
+
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+MNIST_URL = "http://yann.lecun.com/exdb/mnist/"
+FASHION_URL = "https://github.com/zalandoresearch/fashion-mnist"
+IMAGENET_URL = "https://image-net.org/"
+
+# ImageNet is not here: imagenet() counts its classes and returns its own DatasetInfo.
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, 4, True, CIFAR_URL),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, 4, True, CIFAR_URL),
+    "svhn": DatasetInfo("svhn", 10, 3, 32, 4, False, SVHN_URL),
+    "mnist": DatasetInfo("mnist", 10, 1, 28, 2, False, MNIST_URL),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, 2, True, FASHION_URL),
+}
+_SOURCES: dict[str, tuple[str, type]] = {
+    "cifar10": ("CIFAR-10", datasets.CIFAR10),
+    "cifar100": ("CIFAR-100", datasets.CIFAR100),
+    "svhn": ("SVHN", datasets.SVHN),
+    "mnist": ("MNIST", datasets.MNIST),
+    "fashion-mnist": ("Fashion-MNIST", datasets.FashionMNIST),
+}
+
+# DenseNet splits a 6,000-image SVHN validation set off the training data as Sermanet et
+# al. did: 400 images per class from "train", 200 per class from "extra". We take the
+# first ones of each class in file order.
+SVHN_VAL_PER_CLASS = (400, 200)
+SVHN_SPLITS = ("train", "extra", "test")
+
+# Debian's dataset-fashion-mnist (the env var FASHION_MNIST_DIR overrides it). Debian
+# recompressed the .gz files (new gzip headers), so torchvision's .gz MD5s cannot match:
+# we check the decompressed files against the MD5s of the official uncompressed ones.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_RAW_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+DOWNLOAD_TIMEOUT_S = 60  # a stalled connection then fails instead of hanging forever
+
+
+@dataclass
+class Split:
+    """One split of a dataset: uint8 N×C×H×W images and int64 labels, on one device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+def load(
+    name: str,
+    root: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    train_subset: int | None = None,
+    download: bool = True,
+    *,
+    svhn_val_per_class: tuple[int, int] = SVHN_VAL_PER_CLASS,
+) -> dict[str, Split]:
+    """Splits "train", "test" (and "val" for SVHN) of a DATASETS entry, on `device`.
+
+    train_subset keeps the first N training images; svhn_val_per_class: validation
+    images per class from SVHN's (train, extra).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    root = Path(root)
+    if name == "fashion-mnist":
+        _install_system_fashion_mnist(root)
+    if name == "svhn":
+        parts = (_fetch(name, root, download, split=s) for s in SVHN_SPLITS)
+        splits = _svhn_splits(*map(_split, parts), per_class=svhn_val_per_class)
+    else:
+        train, test = (_fetch(name, root, download, train=t) for t in (True, False))
+        splits = {"train": _split(train), "test": _split(test)}
+    if train_subset is not None:
+        if train_subset < 1:
+            raise DataError(f"train_subset must be at least 1, not {train_subset}")
+        s = splits["train"]
+        splits["train"] = Split(s.images[:train_subset], s.labels[:train_subset])
+    return {key: split.to(device) for key, split in splits.items()}
+
+
+@contextmanager
+def _download_timeout() -> Iterator[None]:
+    """torchvision's urllib calls have no timeout: new sockets get one meanwhile."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+# OSError covers URLError and timeouts; torchvision raises RuntimeError for MD5 errors,
+# missing files and failed mirrors; the others come from truncated or unreadable files.
+_FETCH_ERRORS = (OSError, RuntimeError, ValueError, EOFError, HTTPException, TarError)
+
+
+def _fetch(name: str, root: Path, download: bool, **split: object) -> Dataset:
+    """The torchvision dataset (downloaded if allowed); failures become a DataError."""
+    title, cls = _SOURCES[name]
+    url = DATASETS[name].url
+    try:
+        with _download_timeout():
+            return cls(root, download=download, **split)
+    except _FETCH_ERRORS as e:
+        files = _expected_files(cls, root)
+        bad = [str(p) for p, m in files if p.is_file() and not check_integrity(p, m)]
+        if bad:
+            raise DataError(
+                f"{title} in {root} is corrupted ({', '.join(bad)} fails its MD5 "
+                f"check): delete it and download {title} again from {url}"
+            ) from e
+        missing = [str(p.relative_to(root)) for p, _ in files if not p.is_file()]
+        missing = ", ".join(missing) or "files"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = lines[-1][:200] if lines else type(e).__name__  # the most specific
+        if reason.startswith("File not found or corrupted"):
+            reason = "the downloaded file failed its MD5 check"
+        why = f"the download failed ({reason})" if download else "downloading is off"
+        raise DataError(
+            f"{title} not found in {root} (missing {missing}) and {why}. "
+            f"Download it from {url} and put it in {root}"
+        ) from e
+
+
+def _expected_files(cls: type, root: Path) -> list[tuple[Path, str | None]]:
+    """The files a torchvision dataset class reads, with their MD5 where it has one."""
+    if issubclass(cls, datasets.CIFAR10):
+        meta = [cls.meta["filename"], cls.meta["md5"]]
+        files = [*cls.train_list, *cls.test_list, meta]
+        return [(root / cls.base_folder / file, md5) for file, md5 in files]
+    if issubclass(cls, datasets.SVHN):
+        return [(root / file, md5) for _, file, md5 in cls.split_list.values()]
+    raw = root / cls.__name__ / "raw"  # MNIST-like: decompressed files, no MD5 check
+    return [(raw / file.removesuffix(".gz"), None) for file, _ in cls.resources]
+
+
+def _split(ds: Dataset) -> Split:
+    """A torchvision dataset's arrays as uint8 N×C×H×W images and int64 labels."""
+    if isinstance(ds, datasets.CIFAR10):  # N×H×W×C numpy, list of labels
+        images, labels = torch.from_numpy(ds.data).permute(0, 3, 1, 2), ds.targets
+    elif isinstance(ds, datasets.SVHN):  # N×C×H×W numpy, labels 0-9 ('10' became 0)
+        images, labels = torch.from_numpy(ds.data), torch.from_numpy(ds.labels)
+    else:  # MNIST-like: N×H×W tensor
+        images, labels = ds.data.unsqueeze(1), ds.targets
+    return Split(images.contiguous(), torch.as_tensor(labels, dtype=torch.int64))
+
+
+def _svhn_splits(train: Split, extra: Split, test: Split, per_class: tuple[int, int]):
+    """Validation: the first per_class images of each class; training: the rest."""
+    val_train = _first_per_class(train.labels, per_class[0], "train")
+    val_extra = _first_per_class(extra.labels, per_class[1], "extra")
+
+    def pick(in_train: torch.Tensor, in_extra: torch.Tensor) -> Split:
+        return Split(
+            torch.cat([train.images[in_train], extra.images[in_extra]]),
+            torch.cat([train.labels[in_train], extra.labels[in_extra]]),
+        )
+
+    val = pick(val_train, val_extra)
+    return {"train": pick(~val_train, ~val_extra), "val": val, "test": test}
+
+
+def _first_per_class(labels: torch.Tensor, count: int, source: str) -> torch.Tensor:
+    """Boolean mask of the first `count` images of each SVHN class, in file order."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    for c in range(10):
+        index = (labels == c).nonzero().squeeze(1)
+        if len(index) < count:
+            raise DataError(
+                f"SVHN {source} has {len(index)} images of class {c}, fewer than the "
+                f"{count} per class that the validation split takes"
+            )
+        mask[index[:count]] = True
+    return mask
+
+
+def _install_system_fashion_mnist(root: Path) -> None:
+    """Decompress a system copy of Fashion-MNIST into torchvision's raw folder."""
+    raw = root / "FashionMNIST" / "raw"
+    source = Path(os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    wanted = [name for name in FASHION_MNIST_RAW_MD5 if not (raw / name).is_file()]
+    if not wanted or not all((source / f"{n}.gz").is_file() for n in wanted):
+        return
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        gz, part = source / f"{name}.gz", raw / f"{name}.part"  # .part until verified
+        try:
+            with gzip.open(gz) as src, part.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (OSError, EOFError) as e:
+            part.unlink(missing_ok=True)
+            raise DataError(f"cannot decompress {gz} ({e})") from e
+        if not check_integrity(part, FASHION_MNIST_RAW_MD5[name]):
+            part.unlink()
+            raise DataError(f"{gz} is not the official file (MD5 mismatch)")
+        part.replace(raw / name)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) std of uint8 N×C×H×W images, in [0,1] units.
+
+    Accumulated in float64 over chunks; returned as float64 on the CPU.
+    """
+    total = torch.zeros(images.shape[1], dtype=torch.float64, device=images.device)
+    squares = torch.zeros_like(total)
+    for chunk in images.split(4096):
+        x = chunk.double()
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    count = images.numel() // images.shape[1]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    return (mean / 255).cpu(), (std / 255).cpu()
+
+
+class Batches:
+    """Batches of one split held on its device as uint8, augmented there in batch.
+
+    batch_size is global: rank r of world_size gets slice r of every global batch.
+    Training draws, per epoch and from `generator` on the CPU, one permutation and every
+    sample's crop offsets and flip, so the stream is identical on any device and world
+    size. Evaluation is sequential with constant batch shape: the last batch is padded
+    with zero images labelled -100, which callers must ignore (cross_entropy with
+    ignore_index=-100, reduction="sum"; and in error counts).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        train: bool,
+        augment: bool = False,
+        crop_pad: int = 0,
+        flip: bool = False,
+        pad_mode: str = "constant",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+    ) -> None:
+        _check_ranks(batch_size, rank, world_size)
+        if pad_mode not in ("constant", "reflect"):
+            raise ValueError(f"pad_mode {pad_mode!r} is not 'constant' or 'reflect'")
+        if augment and not train:
+            raise ValueError("augmentation is for training batches only")
+        self.images, self.labels = split.images, split.labels
+        self.batch_size, self.rank = batch_size, rank
+        self.local = batch_size // world_size
+        self.train, self.augment, self.crop_pad = train, augment, crop_pad
+        self.flip, self.pad_mode, self.channels_last = flip, pad_mode, channels_last
+        self.generator = torch.Generator().manual_seed(seed)
+        if train and len(self) == 0:
+            raise DataError(f"{len(self.labels)} images make no batch of {batch_size}")
+        # (x/255 - mean)/std as one fused multiply-add x*scale + shift.
+        device, channels = self.images.device, self.images.shape[1]
+        mean_t = torch.as_tensor([0.0] * channels if mean is None else mean).double()
+        std_t = torch.as_tensor([1.0] * channels if std is None else std).double()
+        self.scale = (1 / (255 * std_t)).float().view(1, -1, 1, 1).to(device)
+        self.shift = (-mean_t / std_t).float().view(1, -1, 1, 1).to(device)
+        # Sample and channel axes of the crop gather, broadcast against rows, columns.
+        self.n_axis = torch.arange(self.local, device=device).view(-1, 1, 1, 1)
+        self.c_axis = torch.arange(channels, device=device).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def epoch(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(float32 images, int64 labels) of this rank for batches start..len-1.
+
+        The epoch's random draws happen in this call: save generator's state before it.
+        """
+        if not self.train:
+            return self._eval_batches(start)
+        n, device, g = len(self.labels), self.images.device, self.generator
+        perm = torch.randperm(n, generator=g).to(device)
+        rows = cols = torch.empty(0)
+        if self.augment:
+            # Every sample's crop as row and column indices into its padded image; a
+            # flip reads the same columns right to left.
+            window = torch.arange(self.images.shape[-1])
+            offsets = torch.randint(0, 2 * self.crop_pad + 1, (2, n, 1), generator=g)
+            rows, cols = offsets[0] + window, offsets[1] + window
+            if self.flip:
+                flips = torch.randint(0, 2, (n, 1), generator=g).bool()
+                cols = torch.where(flips, cols.flip(1), cols)
+            rows = rows[:, None, :, None].to(device)  # N×1×H×1
+            cols = cols[:, None, None, :].to(device)  # N×1×1×W
+        return self._train_batches(start, perm, rows, cols)
+
+    def _train_batches(
+        self, start: int, perm: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for k in range(start, len(self)):
+            lo = k * self.batch_size + self.rank * self.local
+            index = perm[lo : lo + self.local]
+            x = self._normalise(self.images[index])
+            if self.augment:
+                # Normalise first, so zero padding is the mean colour, as fb.resnet.torch
+                # (which the authors' Lua code uses) pads; then pad the batch once and
+                # gather all the crops in one indexing op.
+                x = F.pad(x, [self.crop_pad] * 4, mode=self.pad_mode)
+                hi = lo + self.local
+                x = x[self.n_axis, self.c_axis, rows[lo:hi], cols[lo:hi]]
+            yield self._layout(x), self.labels[index]
+
+    def _eval_batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Sequential batches; the last ones padded to full size with label -100."""
+        n = len(self.labels)
+        for k in range(start, len(self)):
+            lo = min(n, k * self.batch_size + self.rank * self.local)
+            hi = min(n, lo + self.local)
+            x, y = self.images[lo:hi], self.labels[lo:hi]
+            if hi - lo < self.local:
+                missing = self.local - (hi - lo)
+                x = torch.cat([x, x.new_zeros((missing, *x.shape[1:]))])
+                y = torch.cat([y, y.new_full((missing,), -100)])
+            yield self._layout(self._normalise(x)), y
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=layout)
+
+
+def _check_ranks(batch_size: int, rank: int, world_size: int) -> None:
+    if batch_size % world_size or not 0 <= rank < world_size:
+        raise ValueError(f"batch {batch_size} does not split over {world_size} ranks")
+
+
+# ImageNet as in fb.resnet.torch (the authors' Lua code): normalisation, PCA lighting.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+
+
+class Lighting:
+    """AlexNet's PCA colour noise on a C×H×W tensor: add eigvec @ (alpha * eigval)."""
+
+    def __init__(self, alphastd: float = 0.1) -> None:
+        self.alphastd = alphastd
+        self.eigval = torch.tensor(IMAGENET_EIGVAL)
+        self.eigvec = torch.tensor(IMAGENET_EIGVEC)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        alpha = torch.randn(3) * self.alphastd
+        return image + (self.eigvec @ (alpha * self.eigval)).view(3, 1, 1)
+
+
+class _StackCrops:
+    """TenCrop's PIL crops as one normalised 10×C×H×W tensor (a class: it pickles)."""
+
+    def __call__(self, crops: Sequence) -> torch.Tensor:
+        normalise = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        return torch.stack([normalise(T.functional.to_tensor(c)) for c in crops])
+
+
+class _Seeded(Dataset):
+    """ImageFolder samples addressed by (index, seed); index -1 is a padding sample.
+
+    The seed fixes the sample's augmentation whatever the worker, world size or resume.
+    """
+
+    def __init__(self, folder: ImageFolder, transform: T.Compose, shape: tuple) -> None:
+        self.folder, self.transform, self.shape = folder, transform, shape
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = item
+        if index < 0:
+            return torch.zeros(self.shape), -100
+        path, label = self.folder.samples[index]
+        image = self.folder.loader(path)
+        with torch.random.fork_rng(devices=[]):  # keep the caller's RNG (workers=0)
+            torch.manual_seed(seed)
+            return self.transform(image), label
+
+
+class Loader:
+    """DataLoader workers behind the interface of Batches (generator, len, epoch).
+
+    Per epoch, `generator` draws a permutation and a seed per sample, sharded by rank
+    like Batches; evaluation is sequential, padded with label -100 like Batches.
+    """
+
+    def __init__(
+        self,
+        items: _Seeded,
+        batch_size: int,
+        *,
+        train: bool,
+        workers: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        device: torch.device | str,
+        channels_last: bool,
+    ) -> None:
+        _check_ranks(batch_size, rank, world_size)
+        self.n, self.batch_size, self.train = len(items), batch_size, train
+        self.rank, self.world_size = rank, world_size
+        self.device, self.channels_last = torch.device(device), channels_last
+        self.generator = torch.Generator().manual_seed(seed)
+        self.plan: list[list[tuple[int, int]]] = []  # the batch_sampler, set per epoch
+        self.loader = DataLoader(
+            items,
+            batch_sampler=self.plan,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+
+    def __len__(self) -> int:
+        n = self.n
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def epoch(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised images, int64 labels) on the device for batches start..len-1.
+
+        As in Batches, the epoch's random draws happen in this call.
+        """
+        total, g = len(self) * self.batch_size, self.generator
+        if self.train:
+            order = torch.randperm(self.n, generator=g)[:total]
+            seeds = torch.randint(0, 2**62, (self.n,), generator=g)[:total]
+        else:
+            order = torch.cat([torch.arange(self.n), torch.full((total - self.n,), -1)])
+            seeds = torch.zeros(total, dtype=torch.int64)
+        shape = (len(self), self.world_size, self.batch_size // self.world_size)
+        mine = [t.view(shape)[start:, self.rank].tolist() for t in (order, seeds)]
+        self.plan[:] = [list(zip(i, s)) for i, s in zip(*mine)]
+        return self._batches()
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+def imagenet(
+    root: str | os.PathLike,
+    batch_size: int,
+    *,
+    workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    ten_crop: bool = False,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> tuple[DatasetInfo, Loader, Loader]:
+    """ImageNet from root/{train,val}/<class>/*.JPEG: (info, train loader, val loader).
+
+    Training augmentation follows fb.resnet.torch. ten_crop makes val batches
+    B×10×3×224×224 (average the softmax over the crops; channels_last is not applied).
+    """
+    root = Path(root)
+    layout = f"expected {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG"
+    try:
+        train_folder = ImageFolder(root / "train")
+        val_folder = ImageFolder(root / "val")
+    except OSError as e:
+        raise DataError(f"ImageNet not found: {layout} ({e}); {IMAGENET_URL}") from e
+    if train_folder.classes != val_folder.classes:
+        raise DataError(f"ImageNet's train/ and val/ differ in classes; {layout}")
+    normalise = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
+    augment = [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), jitter, T.ToTensor()]
+    train_transform = T.Compose([*augment, Lighting(), normalise])
+    if ten_crop:
+        val_transform = T.Compose([T.Resize(256), T.TenCrop(224), _StackCrops()])
+    else:
+        center = [T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalise]
+        val_transform = T.Compose(center)
+    val_shape = (10, 3, 224, 224) if ten_crop else (3, 224, 224)
+    kw = {"workers": workers, "seed": seed, "rank": rank, "world_size": world_size}
+    kw |= {"device": device, "channels_last": channels_last}
+    train_items = _Seeded(train_folder, train_transform, (3, 224, 224))
+    train = Loader(train_items, batch_size, train=True, **kw)
+    val_items = _Seeded(val_folder, val_transform, val_shape)
+    val = Loader(val_items, batch_size, train=False, **kw)
+    classes = len(train_folder.classes)
+    return DatasetInfo("imagenet", classes, 3, 224, 0, True, IMAGENET_URL), train, val

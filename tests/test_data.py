@@ -1,0 +1,455 @@
+"""data.py on real files in torchvision's formats (written by tests/synthetic.py), a real
+local HTTP server, and batches checked against slow per-sample reference code."""
+
+import itertools
+
+import numpy as np
+import pytest
+import synthetic
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import datasets
+
+import data
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def assert_split(split: data.Split, images: np.ndarray, labels: np.ndarray) -> None:
+    assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
+    assert torch.equal(split.images, as_tensor(images))
+    assert torch.equal(split.labels, as_tensor(labels))
+
+
+# Loading ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("download", [False, True])  # present files: no network needed
+@pytest.mark.parametrize(("name", "classes"), [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_loads_what_was_written(tmp_path, register_md5, name, classes, download):
+    syn = synthetic.make_cifar(tmp_path, n_train=23, n_test=9, num_classes=classes)
+    register_md5(datasets.CIFAR10 if classes == 10 else datasets.CIFAR100, syn.md5)
+    splits = data.load(name, tmp_path, download=download)
+    assert set(splits) == {"train", "test"}
+    assert splits["train"].images.shape == (23, 3, 32, 32)
+    for key in ("train", "test"):
+        assert_split(splits[key], *syn.splits[key])
+
+
+def test_train_subset_keeps_the_first_images(tmp_path, register_md5):
+    syn = synthetic.make_cifar(tmp_path, n_train=20)
+    register_md5(datasets.CIFAR10, syn.md5)
+    splits = data.load("cifar10", tmp_path, download=False, train_subset=7)
+    images, labels = syn.splits["train"]
+    assert_split(splits["train"], images[:7], labels[:7])
+    assert len(splits["test"].labels) == 20  # the test set is untouched
+
+
+def test_svhn_validation_split(tmp_path, register_md5):
+    assert data.SVHN_VAL_PER_CLASS == (400, 200)  # 10 × (400 + 200) = the paper's 6,000
+    per_class = {"train": 6, "extra": 4, "test": 2}
+    syn = synthetic.make_svhn(tmp_path, per_class)
+    register_md5(datasets.SVHN, syn.md5)
+    splits = data.load("svhn", tmp_path, download=False, svhn_val_per_class=(3, 2))
+    assert set(splits) == {"train", "val", "test"}
+    # Expected, the slow way: first 3 (train) / 2 (extra) of each digit in file order.
+    val_rows, train_rows = [], []
+    for source, take in (("train", 3), ("extra", 2)):
+        images, labels = syn.splits[source]
+        seen = dict.fromkeys(range(10), 0)
+        for image, label in zip(images, labels, strict=True):
+            (val_rows if seen[label] < take else train_rows).append((image, label))
+            seen[label] += 1
+    for key, rows in (("val", val_rows), ("train", train_rows)):
+        assert_split(
+            splits[key], np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])
+        )
+    assert torch.equal(splits["val"].labels.bincount(), torch.full((10,), 5))
+    assert len(splits["train"].labels) == 10 * (6 + 4) - 50
+    train_bytes = {bytes(image.numpy()) for image in splits["train"].images}
+    assert not train_bytes & {bytes(image.numpy()) for image in splits["val"].images}
+    assert_split(splits["test"], *syn.splits["test"])
+
+
+def test_svhn_too_small_for_the_validation_split(tmp_path, register_md5):
+    syn = synthetic.make_svhn(tmp_path, {"train": 2, "extra": 4, "test": 1})
+    register_md5(datasets.SVHN, syn.md5)
+    with pytest.raises(data.DataError, match="SVHN train has 2 images of class 0"):
+        data.load("svhn", tmp_path, download=False, svhn_val_per_class=(3, 2))
+
+
+@pytest.mark.parametrize("kind", ["mnist", "fashion-mnist"])
+def test_mnist_from_decompressed_files(tmp_path, kind, monkeypatch):
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    syn = synthetic.make_mnist(tmp_path, kind, n_train=12, n_test=5)
+    splits = data.load(kind, tmp_path, download=False)
+    assert splits["train"].images.shape == (12, 1, 28, 28)
+    for key in ("train", "test"):
+        assert_split(splits[key], *syn.splits[key])
+
+
+def test_mnist_gz_files_are_verified_and_extracted_offline(
+    tmp_path, register_md5, closed_url, monkeypatch
+):
+    syn = synthetic.make_mnist(tmp_path, "mnist", gz=True)
+    register_md5(datasets.MNIST, syn.md5)
+    monkeypatch.setattr(datasets.MNIST, "mirrors", [closed_url])  # would fail if used
+    splits = data.load("mnist", tmp_path)
+    assert (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    assert_split(splits["test"], *syn.splits["test"])
+
+
+def test_fashion_mnist_from_the_system_folder(tmp_path, closed_url, monkeypatch):
+    system = tmp_path / "system"
+    syn = synthetic.write_idx(system, 15, 6, gz=True, raw=False)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(system))
+    # The synthetic files cannot carry the official MD5s of the decompressed files.
+    raw_md5 = {name: syn.md5[name] for name in data.FASHION_MNIST_RAW_MD5}
+    monkeypatch.setattr(data, "FASHION_MNIST_RAW_MD5", raw_md5)
+    monkeypatch.setattr(datasets.FashionMNIST, "mirrors", [closed_url])
+    splits = data.load("fashion-mnist", tmp_path / "root")
+    for key in ("train", "test"):
+        assert_split(splits[key], *syn.splits[key])
+    raw = sorted(p.name for p in (tmp_path / "root" / "FashionMNIST" / "raw").iterdir())
+    assert raw == sorted(raw_md5)  # no .part left behind
+
+
+def test_fashion_mnist_system_file_with_wrong_md5_is_refused(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    synthetic.write_idx(
+        system, 3, 2, gz=True, raw=False
+    )  # official MD5s kept: mismatch
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(system))
+    with pytest.raises(data.DataError, match="not the official file"):
+        data.load("fashion-mnist", tmp_path / "root")
+    assert not list((tmp_path / "root" / "FashionMNIST" / "raw").iterdir())
+
+
+def point_downloads_at(monkeypatch, name: str, base_url: str) -> None:
+    """Make torchvision download `name` from base_url instead of the official hosts."""
+    if name == "cifar10":
+        cls = datasets.CIFAR10
+        monkeypatch.setattr(cls, "url", base_url + cls.filename)
+    elif name == "svhn":
+        splits = {
+            k: [base_url + f, f, m] for k, (_, f, m) in datasets.SVHN.split_list.items()
+        }
+        monkeypatch.setattr(datasets.SVHN, "split_list", splits)
+    else:
+        monkeypatch.setattr(datasets.MNIST, "mirrors", [base_url])
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("cifar10", "cifar-10-batches-py/data_batch_1"),
+        ("svhn", "train_32x32.mat"),
+        ("mnist", "MNIST/raw/train-images-idx3-ubyte"),
+    ],
+)
+def test_missing_data_without_network(
+    tmp_path, closed_url, monkeypatch, name, expected
+):
+    point_downloads_at(monkeypatch, name, closed_url)
+    with pytest.raises(data.DataError) as error:
+        data.load(name, tmp_path / "data")
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"not found in {tmp_path / 'data'}" in message and expected in message
+    assert "download failed" in message and data.DATASETS[name].url in message
+
+
+def test_missing_data_with_downloads_off(tmp_path):
+    with pytest.raises(data.DataError, match="downloading is off"):
+        data.load("cifar100", tmp_path, download=False)
+
+
+def serve_cifar(tmp_path, served) -> synthetic.Synthetic:
+    """Write synthetic CIFAR-10 and serve it as the official-style .tar.gz archive."""
+    syn = synthetic.make_cifar(tmp_path / "staging", n_train=15, n_test=5)
+    archive = served / datasets.CIFAR10.filename
+    syn.md5[archive.name] = synthetic.tar_gz(
+        tmp_path / "staging" / "cifar-10-batches-py", archive
+    )
+    return syn
+
+
+def test_download_from_a_server_checks_md5_and_extracts(
+    tmp_path, register_md5, http_server, monkeypatch
+):
+    base_url, served = http_server
+    syn = serve_cifar(tmp_path, served)
+    register_md5(datasets.CIFAR10, syn.md5)
+    point_downloads_at(monkeypatch, "cifar10", base_url)
+    splits = data.load("cifar10", tmp_path / "data")
+    assert (tmp_path / "data" / "cifar-10-python.tar.gz").is_file()
+    for key in ("train", "test"):
+        assert_split(splits[key], *syn.splits[key])
+
+
+def test_downloaded_archive_with_wrong_md5_is_refused(
+    tmp_path, register_md5, http_server, monkeypatch
+):
+    base_url, served = http_server
+    syn = serve_cifar(tmp_path, served)
+    register_md5(datasets.CIFAR10, {**syn.md5, datasets.CIFAR10.filename: "0" * 32})
+    point_downloads_at(monkeypatch, "cifar10", base_url)
+    with pytest.raises(data.DataError, match="downloaded file failed its MD5 check"):
+        data.load("cifar10", tmp_path / "data")
+    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()  # never extracted
+
+
+def test_corrupted_file_is_named(tmp_path, register_md5):
+    syn = synthetic.make_cifar(tmp_path)
+    register_md5(datasets.CIFAR10, syn.md5)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:-1] + b"x")
+    with pytest.raises(data.DataError, match="corrupted.*data_batch_2 fails its MD5"):
+        data.load("cifar10", tmp_path, download=False)
+
+
+def test_channel_stats():
+    images = torch.randint(0, 256, (9, 3, 5, 7), dtype=torch.uint8)
+    mean, std = data.channel_stats(images)
+    pixels = images.numpy().transpose(1, 0, 2, 3).reshape(3, -1) / 255.0
+    np.testing.assert_allclose(mean.numpy(), pixels.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(std.numpy(), pixels.std(axis=1), rtol=1e-10)
+
+
+# Batches ---------------------------------------------------------------------------
+
+N, SIZE = 37, 8
+
+
+def toy_split() -> data.Split:
+    """Random images whose label is their index, so outputs can be traced back."""
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (N, 3, SIZE, SIZE), dtype=torch.uint8, generator=gen)
+    return data.Split(images, torch.arange(N))
+
+
+def epoch_list(batches: data.Batches, start: int = 0) -> list:
+    return list(batches.epoch(start))
+
+
+def same(batches: list, others: list) -> bool:
+    """Whether two lists of (images, labels) batches are identical."""
+    return len(batches) == len(others) and all(
+        torch.equal(x, ox) and torch.equal(y, oy)
+        for (x, y), (ox, oy) in zip(batches, others, strict=True)
+    )
+
+
+def test_train_epoch_is_a_permutation():
+    batches = data.Batches(toy_split(), 8, train=True)
+    assert len(batches) == N // 8
+    out = epoch_list(batches)
+    assert len(out) == 4 and all(x.shape == (8, 3, SIZE, SIZE) for x, _ in out)
+    labels = torch.cat([y for _, y in out])
+    assert len(labels.unique()) == 32 and labels.max() < N
+    split = toy_split()
+    for x, y in out:  # no augmentation: the images themselves, in [0, 1]
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        torch.testing.assert_close(x, split.images[y].float() / 255)
+
+
+def test_train_epochs_are_seeded_and_resumable():
+    def make() -> data.Batches:
+        return data.Batches(
+            toy_split(), 8, train=True, augment=True, crop_pad=2, flip=True, seed=3
+        )
+
+    a, b = make(), make()
+    first = epoch_list(a)
+    assert same(first, epoch_list(b))
+    state = a.generator.get_state()
+    second = epoch_list(a)
+    assert not torch.equal(first[0][1], second[0][1])  # a new permutation each epoch
+    a.generator.set_state(state)
+    assert same(second[2:], epoch_list(a, start=2))
+
+
+def test_ranks_split_the_global_batch():
+    kw = {"train": True, "augment": True, "crop_pad": 2, "flip": True, "seed": 5}
+    whole = epoch_list(data.Batches(toy_split(), 8, **kw))
+    ranks = [
+        epoch_list(data.Batches(toy_split(), 8, rank=r, world_size=2, **kw))
+        for r in (0, 1)
+    ]
+    assert all(x.shape[0] == 4 for x, _ in ranks[0] + ranks[1])
+    joined = [
+        (torch.cat([x0, x1]), torch.cat([y0, y1]))
+        for (x0, y0), (x1, y1) in zip(*ranks, strict=True)
+    ]
+    assert same(whole, joined)
+    with pytest.raises(ValueError, match="does not split"):
+        data.Batches(toy_split(), 9, train=True, world_size=2)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_eval_covers_every_image_once_with_constant_shape(world_size):
+    split = toy_split()
+    seen = []
+    for rank in range(world_size):
+        batches = data.Batches(split, 8, train=False, rank=rank, world_size=world_size)
+        assert len(batches) == 5  # ceil(37 / 8)
+        for x, y in batches.epoch():
+            assert x.shape == (8 // world_size, 3, SIZE, SIZE)
+            real = y != -100
+            torch.testing.assert_close(x[real], split.images[y[real]].float() / 255)
+            assert not x[~real].any()
+            seen += y[real].tolist()
+    assert sorted(seen) == list(range(N))
+
+
+def find_crops(out: torch.Tensor, image: torch.Tensor, pad: int, mode: str) -> set:
+    """Every (dy, dx, flipped) whose crop of the padded image equals `out` (slow, simple)."""
+    padded = F.pad(image.float()[None], (pad, pad, pad, pad), mode=mode)[0]
+    found = set()
+    for dy, dx, flipped in itertools.product(
+        range(2 * pad + 1), range(2 * pad + 1), (0, 1)
+    ):
+        crop = padded[:, dy : dy + SIZE, dx : dx + SIZE]
+        if torch.equal(torch.flip(crop, [2]) if flipped else crop, out):
+            found.add((dy, dx, flipped))
+    return found
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_augmentation_gives_real_crops(mode, flip):
+    split = toy_split()
+    batches = data.Batches(
+        split, 8, train=True, augment=True, crop_pad=3, flip=flip, pad_mode=mode
+    )
+    matches = []
+    for x, y in batches.epoch():
+        for out, label in zip(x, y, strict=True):
+            pixels = (out * 255).round()
+            found = find_crops(pixels, split.images[label], 3, mode)
+            assert len(found) == 1  # random pixels: exactly one window matches
+            matches += found
+    flips = {m[2] for m in matches}
+    assert flips == ({0, 1} if flip else {0})
+    assert len({m[:2] for m in matches}) > 10  # rows and columns shift independently
+
+
+def test_constant_padding_is_the_mean_colour():
+    # fb.resnet.torch normalises before padding, so padded pixels are the mean (0 after
+    # normalisation), not black. White images: 2.0 inside, 0.0 in the padding, never -2.
+    white = data.Split(
+        torch.full((16, 3, SIZE, SIZE), 255, dtype=torch.uint8), torch.arange(16)
+    )
+    batches = data.Batches(
+        white, 16, train=True, augment=True, crop_pad=4, mean=[0.5] * 3, std=[0.25] * 3
+    )
+    x, _ = next(batches.epoch())
+    inside, padding = torch.isclose(x, torch.tensor(2.0)), x == 0
+    assert (inside | padding).all() and inside.any() and padding.any()
+
+
+def test_normalisation_and_channels_last():
+    split = toy_split()
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    batches = data.Batches(
+        split, 8, train=False, mean=mean, std=std, channels_last=True
+    )
+    x, _ = next(iter(batches.epoch()))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    mean_t, std_t = (
+        torch.tensor(mean).view(1, 3, 1, 1),
+        torch.tensor(std).view(1, 3, 1, 1),
+    )
+    expected = (split.images[:8].double() / 255 - mean_t) / std_t
+    torch.testing.assert_close(x.double(), expected, rtol=0, atol=1e-5)
+    plain = data.Batches(split, 8, train=True)
+    assert next(iter(plain.epoch()))[0].is_contiguous()
+
+
+# ImageNet --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def imagenet_root(tmp_path):
+    synthetic.make_imagenet_folder(tmp_path, classes=3, per_class=4, size=64)
+    return tmp_path
+
+
+def test_imagenet_train_and_val(imagenet_root):
+    info, train, val = data.imagenet(imagenet_root, 4, workers=0, seed=0)
+    assert (info.name, info.num_classes, info.image_size) == ("imagenet", 3, 224)
+    assert len(train) == 3 and len(val) == 3
+    labels = []
+    for x, y in train.epoch():
+        assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
+        labels += y.tolist()
+    assert sorted(labels) == [0] * 4 + [1] * 4 + [2] * 4
+    val_batches = list(val.epoch())
+    assert torch.cat([y for _, y in val_batches]).tolist() == sorted(labels)
+    # The first val image: Resize(256) of a 64×64 image is 256×256, then the centre 224.
+    pil = Image.open(imagenet_root / "val" / "n00000000" / "0.JPEG").convert("RGB")
+    pixels = np.asarray(pil.resize((256, 256), Image.BILINEAR))[16:240, 16:240] / 255.0
+    expected = (pixels - data.IMAGENET_MEAN) / data.IMAGENET_STD
+    torch.testing.assert_close(
+        val_batches[0][0][0],
+        torch.tensor(expected.transpose(2, 0, 1)).float(),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_imagenet_seeding_is_worker_independent_and_resumable(imagenet_root):
+    _, in_process, _ = data.imagenet(imagenet_root, 4, workers=0, seed=7)
+    _, with_worker, _ = data.imagenet(imagenet_root, 4, workers=1, seed=7)
+    first = epoch_list(in_process)
+    state = in_process.generator.get_state()
+    second = epoch_list(in_process)
+    assert not torch.equal(first[0][0], second[0][0])  # a new epoch draws anew
+    # The same stream from a (persistent) worker process, over two epochs.
+    assert same(first, epoch_list(with_worker)) and same(
+        second, epoch_list(with_worker)
+    )
+    in_process.generator.set_state(state)
+    assert same(second[1:], epoch_list(in_process, start=1))
+
+
+def test_lighting_adds_the_pca_colour_offset():
+    image = torch.rand(3, 4, 5)
+    torch.manual_seed(0)
+    out = data.Lighting(0.1)(image)
+    torch.manual_seed(0)
+    alpha = (torch.randn(3) * 0.1).tolist()
+    # fb.resnet.torch's ImageNet PCA: eigenvalues and eigenvectors (columns).
+    eigval = [0.2175, 0.0188, 0.0045]
+    eigvec = [
+        [-0.5675, 0.7192, 0.4009],
+        [-0.5808, -0.0045, -0.8140],
+        [-0.5836, -0.6948, 0.4203],
+    ]
+    for c in range(3):
+        offset = sum(eigvec[c][j] * alpha[j] * eigval[j] for j in range(3))
+        torch.testing.assert_close(out[c] - image[c], torch.full((4, 5), offset))
+
+
+def test_imagenet_ten_crop_and_sharded_val(imagenet_root):
+    seen = []
+    for rank in (0, 1):
+        _, _, val = data.imagenet(
+            imagenet_root, 8, workers=0, seed=0, ten_crop=True, rank=rank, world_size=2
+        )
+        for x, y in val.epoch():
+            assert x.shape == (4, 10, 3, 224, 224)
+            assert not x[y == -100].any()
+            seen += y[y != -100].tolist()
+    assert sorted(seen) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_imagenet_missing_folder(tmp_path):
+    (tmp_path / "train" / "n0").mkdir(parents=True)
+    with pytest.raises(
+        data.DataError, match="expected .*/train/<class>/.*/val/<class>"
+    ):
+        data.imagenet(tmp_path, 4, workers=0, seed=0)
