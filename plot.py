@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -166,6 +167,37 @@ def plot_runs(
             save_atomic(fig, path)
             written.append(path)
     return written
+
+
+class Background:
+    """Redraws a run's figures in a child process after each epoch, so plotting never slows
+    or breaks training: a failure is a warning, and a plot still running is not restarted."""
+
+    def __init__(self, run_dir: Path | str, enabled: bool = True) -> None:
+        self.run_dir, self.enabled, self.proc = str(run_dir), enabled, None
+
+    def _collect(self) -> None:
+        if self.proc is not None:
+            _, err = self.proc.communicate()
+            if self.proc.returncode:
+                last = (err.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+                warn(f"plotting failed ({last}); training goes on")
+            self.proc = None
+
+    def refresh(self) -> None:
+        if not self.enabled or (self.proc is not None and self.proc.poll() is None):
+            return
+        self._collect()
+        cmd = [sys.executable, __file__, self.run_dir, "--out", self.run_dir]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
+    def finish(self) -> None:
+        """Wait for the last refresh, then draw the final figures."""
+        self._collect()
+        self.refresh()
+        self._collect()
 
 
 def main(argv: list[str] | None = None) -> int:

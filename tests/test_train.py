@@ -1,0 +1,377 @@
+"""train.py end to end on tiny synthetic datasets in torchvision's real on-disk formats."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import synthetic
+import torch
+from torchvision import datasets
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--depth", "10", "--growth", "4", "--batch-size", "32", "--no-plot"]
+BASE_COLUMNS = [
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_err",
+    "test_loss",
+    "test_err",
+    "seconds",
+]
+
+
+def make_dataset(name: str, root: Path, register_md5) -> None:
+    """Tiny synthetic files of `name` in root; synthetic files cannot carry the official
+    MD5s, so the test registers theirs with torchvision (product code is unchanged)."""
+    if name in ("cifar10", "cifar100"):
+        classes = 10 if name == "cifar10" else 100
+        syn = synthetic.make_cifar(root, n_train=200, n_test=50, num_classes=classes)
+        register_md5(datasets.CIFAR10 if classes == 10 else datasets.CIFAR100, syn.md5)
+    elif (
+        name == "svhn"
+    ):  # enough per class for the paper's 6,000-image validation split
+        syn = synthetic.make_svhn(
+            root, per_class={"train": 410, "extra": 210, "test": 5}
+        )
+        register_md5(datasets.SVHN, syn.md5)
+    else:
+        synthetic.make_mnist(root, name, n_train=200, n_test=50)
+
+
+def run(argv: list[str], capsys=None) -> tuple[int, str, str]:
+    code = train.main([str(a) for a in argv])
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "name", ["cifar10", "cifar100", "svhn", "mnist", "fashion-mnist"]
+)
+def test_each_dataset_trains_and_logs(tmp_path, register_md5, capsys, name):
+    make_dataset(name, tmp_path / "data", register_md5)
+    save = tmp_path / "run"
+    extra = ["--train-subset", "64", "--batch-size", "16"] if name == "svhn" else []
+    code, out, _ = run(
+        [
+            "--dataset",
+            name,
+            "--data-dir",
+            tmp_path / "data",
+            "--save",
+            save,
+            "--epochs",
+            2,
+            *TINY,
+            *extra,
+        ],
+        capsys,
+    )
+    assert code == 0, out
+    log = pd.read_csv(save / "log.csv")
+    columns = list(BASE_COLUMNS)
+    if name == "svhn":
+        columns[-1:-1] = ["val_loss", "val_err"]
+    assert set(columns) <= set(log.columns) and len(log) == 2
+    assert list(log.epoch) == [1, 2]
+    assert ("train_top5" in log.columns) == (name == "cifar100")
+    assert log[["train_err", "test_err"]].stack().between(0, 100).all()
+    args = json.loads((save / "args.json").read_text())
+    assert (
+        args["dataset"] == name
+        and args["torch"] == torch.__version__
+        and args["device"] == "cpu"
+    )
+    # the paper's recipe per dataset: SVHN no augmentation + dropout 0.2, MNIST no flip
+    assert args["augment"] == (name != "svhn") and args["drop_rate"] == (
+        0.2 if name == "svhn" else 0.0
+    )
+    assert {"latest.pt", "best.pt"} <= {p.name for p in save.iterdir()}
+
+
+def test_default_save_folder_and_paper_recipe(tmp_path, monkeypatch, capsys):
+    synthetic.make_mnist(tmp_path / "data", "mnist", n_train=64, n_test=32)
+    monkeypatch.chdir(tmp_path)
+    code, _, _ = run(
+        [
+            "--dataset",
+            "mnist",
+            "--depth",
+            10,
+            "--growth",
+            4,
+            "--epochs",
+            1,
+            "--no-plot",
+        ],
+        capsys,
+    )
+    assert code == 0
+    args = json.loads((tmp_path / "work/mnist.densenet-bc-10-4/args.json").read_text())
+    recipe = {
+        k: args[k]
+        for k in ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "gamma")
+    }
+    assert recipe == {
+        "batch_size": 64,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 1e-4,
+        "gamma": 0.1,
+    }
+    assert args["milestones"] == [0.5, 0.75] and args["compression"] == 0.5
+
+
+def test_figures_and_tensorboard(tmp_path, capsys):
+    synthetic.make_mnist(tmp_path / "data", "fashion-mnist", n_train=64, n_test=32)
+    save = tmp_path / "run"
+    argv = [
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        tmp_path / "data",
+        "--save",
+        save,
+    ]
+    code, _, _ = run([*argv, "--epochs", 2, "--tensorboard", *TINY[:-1]], capsys)
+    assert code == 0
+    for figure in ("loss.png", "error.png"):
+        assert (save / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(
+        p.name.startswith("events.out.tfevents") for p in (save / "tb").iterdir()
+    )
+
+
+def mnist_run(tmp_path: Path, n_train: int = 64) -> tuple[list[str], Path]:
+    synthetic.make_mnist(tmp_path / "data", "mnist", n_train=n_train, n_test=32)
+    save = tmp_path / "run"
+    return [
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--save",
+        str(save),
+        *TINY,
+    ], save
+
+
+def test_refusals_are_one_line_errors(tmp_path, capsys):
+    argv, save = mnist_run(tmp_path)
+    assert run([*argv, "--epochs", 1], capsys)[0] == 0
+    cases = [
+        (
+            [*argv, "--epochs", 2],
+            "already holds a run",
+        ),  # never overwrite a user's results
+        ([*argv, "--resume", "--depth", 16], "--depth 16 (checkpoint: 10)"),
+        (
+            [*argv, "--resume", "--dataset", "fashion-mnist"],
+            "--dataset fashion-mnist (checkpoint: mnist)",
+        ),
+        (
+            [*argv, "--save", tmp_path / "new", "--depth", 11],
+            "nearest valid depths: 10 and 16",
+        ),
+        ([*argv, "--save", tmp_path / "new", "--sync-bn"], "--sync-bn needs CUDA"),
+        (
+            [*argv, "--save", tmp_path / "new", "--arch", "densenet121"],
+            "--arch is for --dataset imagenet",
+        ),
+        ([*argv, "--save", tmp_path / "none", "--resume"], "does not exist"),
+    ]
+    for case, message in cases:
+        code, _, err = run(case, capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert len(pd.read_csv(save / "log.csv")) == 1  # nothing was touched
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
+    argv, save = mnist_run(tmp_path)
+    assert run([*argv, "--epochs", 1], capsys)[0] == 0
+    good = (save / "latest.pt").read_bytes()
+    for content, message in [
+        (good[: len(good) // 2], "truncated or corrupt"),
+        (b"\x00" * 100, "truncated or corrupt"),
+    ]:
+        (save / "latest.pt").write_bytes(content)
+        code, _, err = run([*argv, "--resume", "--epochs", 2], capsys)
+        assert code == 2 and message in err and "Traceback" not in err
+    torch.save(train.densenet.densenet_cifar(10, 4).state_dict(), save / "latest.pt")
+    code, _, err = run([*argv, "--resume", "--epochs", 2], capsys)
+    assert code == 2 and "not a train.py checkpoint" in err
+    code, _, err = run([*argv, "--evaluate", save / "missing.pt"], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_missing_data_is_one_line_error(tmp_path, closed_url, monkeypatch, capsys):
+    monkeypatch.setattr(datasets.MNIST, "mirrors", [closed_url])
+    code, _, err = run(
+        [
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            tmp_path / "nothing",
+            "--save",
+            tmp_path / "r",
+        ],
+        capsys,
+    )
+    assert code == 1 and err.count("\n") == 1
+    assert (
+        "not found in" in err
+        and "http://yann.lecun.com" in err
+        or "mnist" in err.lower()
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    argv, save = mnist_run(tmp_path)
+    assert run([*argv, "--epochs", 2, "--gamma", 1], capsys)[0] == 0
+    # Blow up the weights of the saved state: the next epoch's loss is not finite.
+    ckpt = torch.load(save / "latest.pt", weights_only=True)
+    ckpt["model"]["classifier.weight"].fill_(float("inf"))
+    ckpt["args"]["epochs"] = 3
+    torch.save(ckpt, save / "latest.pt")
+    before = (save / "latest.pt").read_bytes()
+    code, _, err = run([*argv, "--resume", "--epochs", 3], capsys)
+    assert (
+        code == 2
+        and "non-finite" in err
+        and "latest.pt holds the last good state" in err
+    )
+    assert (save / "latest.pt").read_bytes() == before
+    assert len(pd.read_csv(save / "log.csv")) == 2
+
+
+def final_state(save: Path) -> dict:
+    return torch.load(save / "latest.pt", weights_only=True)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = final_state(a), final_state(b)
+    assert sa["epoch"] == sb["epoch"] and sa["step"] == sb["step"] == 0
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k  # bit for bit
+    for k, v in sa["optimizer"]["state"].items():
+        assert torch.equal(
+            v["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"]
+        )
+    la, lb = pd.read_csv(a / "log.csv"), pd.read_csv(b / "log.csv")
+    pd.testing.assert_frame_equal(
+        la.drop(columns="seconds"), lb.drop(columns="seconds")
+    )
+
+
+def test_resume_after_a_clean_stop_is_bit_exact(tmp_path, capsys):
+    argv, save = mnist_run(tmp_path, n_train=128)
+    argv = [
+        *argv,
+        "--gamma",
+        1,
+        "--drop-rate",
+        0.1,
+    ]  # gamma 1: lr independent of --epochs
+    ref = tmp_path / "ref"
+    assert run([*argv, "--save", ref, "--epochs", 3], capsys)[0] == 0
+    assert run([*argv, "--epochs", 1], capsys)[0] == 0
+    assert run([*argv, "--epochs", 3, "--resume"], capsys)[0] == 0
+    assert_same_run(ref, save)
+
+
+def subprocess_train(argv: list[str]) -> subprocess.Popen:
+    # One thread each: bit-exact comparisons need the same thread count in every run.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_resume_after_a_signal_mid_epoch_is_bit_exact(tmp_path, signum):
+    argv, save = mnist_run(tmp_path, n_train=3200)  # 100 steps per epoch
+    argv = [*argv, "--epochs", "3", "--drop-rate", "0.1"]
+    ref = subprocess_train([*argv, "--save", str(tmp_path / "ref")])
+    assert ref.wait(timeout=300) == 0
+    proc = subprocess_train(argv)
+    deadline = time.time() + 120
+    while not (save / "log.csv").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert "Resume with the same command and --resume" in out
+    stopped = final_state(save)
+    assert stopped["epoch"] == 1 and 0 < stopped["step"] < 100  # mid-epoch
+    resumed = subprocess_train([*argv, "--resume"])
+    assert resumed.wait(timeout=300) == 0
+    assert_same_run(tmp_path / "ref", save)
+
+
+def test_evaluate_prints_loss_and_error(tmp_path, capsys):
+    argv, save = mnist_run(tmp_path)
+    assert run([*argv, "--epochs", 1], capsys)[0] == 0
+    code, out, _ = run(
+        ["--evaluate", save / "best.pt", "--data-dir", tmp_path / "data"], capsys
+    )
+    assert code == 0
+    logged = pd.read_csv(save / "log.csv").iloc[-1]
+    printed = dict(zip(out.split()[::2], map(float, out.split()[1::2])))
+    assert printed["test_err"] == pytest.approx(logged.test_err, abs=1e-3)
+    assert printed["test_loss"] == pytest.approx(logged.test_loss, rel=1e-3)
+
+
+def test_diracnet_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
+    synthetic.make_mnist(tmp_path / "data", "fashion-mnist", n_train=128, n_test=32)
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "--model",
+        "diracnet",
+        "--dataset",
+        "fashion-mnist",
+        "--depth",
+        10,
+        "--width",
+        0.25,
+        "--no-plot",
+    ]
+    assert run([*argv, "--epochs", 1], capsys)[0] == 0
+    save = tmp_path / "work/fashion-mnist.diracnet-10-0.25"
+    args = json.loads((save / "args.json").read_text())
+    recipe = {
+        k: args[k]
+        for k in (
+            "batch_size",
+            "epochs",
+            "momentum",
+            "nesterov",
+            "weight_decay",
+            "gamma",
+            "pad_mode",
+        )
+    }
+    assert recipe == {"batch_size": 128, "epochs": 1, "momentum": 0.9, "nesterov": False,
+                      "weight_decay": 5e-4, "gamma": 0.2, "pad_mode": "reflect"}  # fmt: skip
+    assert run([*argv, "--epochs", 2, "--resume"], capsys)[0] == 0
+    assert len(pd.read_csv(save / "log.csv")) == 2
+    code, out, _ = run(
+        ["--evaluate", save / "latest.pt", "--export", tmp_path / "folded.pt"], capsys
+    )
+    assert code == 0 and "rebuild with" in out
+    folded = torch.load(tmp_path / "folded.pt", weights_only=True)
+    net = train.diracnet.fold(train.diracnet.diracnet_cifar(10, 0.25, 10, 1))
+    net.load_state_dict(folded["state_dict"])
+    assert not any("." in name for name, _ in net.named_children())
+    assert os.path.getsize(tmp_path / "folded.pt") > 0
