@@ -98,6 +98,11 @@ def run_name(a: argparse.Namespace) -> str:
     return f"densenet{bc}-{a.depth}-{a.growth}"
 
 
+def logs_top5(a: argparse.Namespace, num_classes: int) -> bool:
+    """Top-5 errors for 100+ classes, and always for ImageNet (the paper's metric)."""
+    return num_classes >= 100 or a.dataset == "imagenet"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags left unset are None: the recipe, the device or a resumed run fills them."""
     p = argparse.ArgumentParser(
@@ -188,9 +193,11 @@ def resolve(a: argparse.Namespace, device: torch.device) -> argparse.Namespace:
         raise UserError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
     if a.amp == "fp16" and not cuda:
         raise UserError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
-    for name in ("batch_size", "epochs", "depth", "growth", "workers", "train_subset"):
+    for name in ("batch_size", "epochs", "depth", "growth", "train_subset"):
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if a.workers is not None and a.workers < 0:
+        raise UserError("--workers must be 0 (load in the main process) or more")
     if not all(0 < m < 1 for m in a.milestones):
         raise UserError("--milestones are fractions of the epochs, each in (0, 1)")
     return a
@@ -355,7 +362,7 @@ def run_evaluate(
         device,
         memory_format=torch.channels_last if a.channels_last else torch.preserve_format,
     )
-    top5 = info.num_classes >= 100
+    top5 = logs_top5(a, info.num_classes)
     for name, batches in evals.items():
         row = engine.summarise(
             engine.evaluate(net, batches, a.amp, top5, world), name, top5
@@ -409,9 +416,6 @@ def run(argv: list[str] | None = None) -> int:
         adopt(a, ckpt["args"], given)
     a = resolve(a, device)
     a.save = str(save)
-    # Denormal floats (tiny weights and gradients late in training, common with bf16) send
-    # CPU kernels down a path ~50x slower; flushing them to zero costs no accuracy.
-    torch.set_flush_denormal(True)
     torch.manual_seed(a.seed + rank)  # dropout differs per rank; data draws are shared
     random.seed(a.seed)
     np.random.seed(a.seed)
@@ -438,9 +442,14 @@ def run(argv: list[str] | None = None) -> int:
             ckpt["best"],
             ckpt["seconds"],
         )
-        sums = ckpt["sums"].to(device)
-        states = ckpt["rng"]
-        engine.set_rng_state(states[rank] if len(states) == world else states[0])
+        # Each rank's random streams and partial-epoch metric sums; with another world
+        # size, rank 0 takes the totals and the first rank's streams.
+        ranks = ckpt["ranks"]
+        mine = ranks[rank] if len(ranks) == world else ranks[0]
+        engine.set_rng_state(mine["rng"])
+        sums = mine["sums"].to(device)
+        if len(ranks) != world:
+            sums = sum(r["sums"] for r in ranks).to(device) * (rank == 0)
         train.generator.set_state(ckpt["data_rng"])
     model = net
     if world > 1:
@@ -470,30 +479,28 @@ def run(argv: list[str] | None = None) -> int:
         print(f"{save}: {run_name(a)} on {a.dataset}, {params:,} parameters, {device} x{world}, "
               f"amp {a.amp}, epoch {epoch + 1} of {a.epochs}", flush=True)  # fmt: skip
     figures = plot.Background(save, enabled=a.plot and rank == 0)
-    group = (
-        dist.new_group(backend="gloo") if world > 1 else None
-    )  # stop votes, on the CPU
+    # Stop votes travel over gloo on the CPU, whatever backend the gradients use.
+    group = dist.new_group(backend="gloo") if world > 1 else None
     stop = engine.Stop()
-    top5 = info.num_classes >= 100
+    top5 = logs_top5(a, info.num_classes)
 
     def checkpoint(paths: list[Path]) -> None:
-        states = [engine.rng_state()] * world
+        ranks = [{"rng": engine.rng_state(), "sums": sums.cpu()}] * world
         if world > 1:
-            dist.all_gather_object(states, engine.rng_state())
+            dist.all_gather_object(ranks, ranks[0])
         if rank == 0:
             state = {
                 "model": net.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "step": step, "best": best, "seconds": seconds, "sums": sums.cpu(), "rng": states,
+                "step": step, "best": best, "seconds": seconds, "ranks": ranks,
                 "data_rng": data_rng, "args": {k: v for k, v in vars(a).items() if k != "tty"},
             }  # fmt: skip
             for path in paths:
                 engine.atomic_save(state, path)
 
     while epoch < a.epochs:
-        data_rng = (
-            train.generator.get_state()
-        )  # this epoch's draws come from here on resume
+        # This epoch's draws come from here: a mid-epoch resume redraws them and skips ahead.
+        data_rng = train.generator.get_state()
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
         sums, step, signum = engine.train_epoch(
@@ -528,9 +535,8 @@ def run(argv: list[str] | None = None) -> int:
         epoch, step, seconds = epoch + 1, 0, 0.0
         sums = torch.zeros(4, device=device)
         data_rng = train.generator.get_state()
-        score = row.get(
-            "val_err", row["test_err"]
-        )  # SVHN picks its epoch on validation
+        # SVHN picks its epoch on validation error; the others on test error.
+        score = row.get("val_err", row["test_err"])
         improved, best = score < best, min(best, score)
         if rank == 0:
             engine.append_row(log, row)
@@ -551,6 +557,9 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Denormal floats (tiny weights and gradients late in training, common with bf16) send
+    # CPU kernels down a path ~50x slower; flushing them to zero costs no accuracy.
+    torch.set_flush_denormal(True)
     try:
         code = run(argv)
     except (UserError, data.DataError, engine.CheckpointError) as e:

@@ -48,11 +48,18 @@ def make_cifar(
     n_test: int = 20,
     num_classes: int = 10,
     seed: int = 0,
+    same_image: bool = False,
 ) -> Synthetic:
-    """CIFAR-10 (cifar-10-batches-py/) or CIFAR-100 (cifar-100-python/) pickles in root."""
+    """CIFAR-10 (cifar-10-batches-py/) or CIFAR-100 (cifar-100-python/) pickles in root.
+
+    same_image=True repeats one random image with random labels: every batch then has the
+    same BatchNorm statistics, whatever its size."""
     rng = np.random.default_rng(seed)
     train = _random_split(rng, n_train, (3, 32, 32), num_classes)
     test = _random_split(rng, n_test, (3, 32, 32), num_classes)
+    if same_image:
+        for images, _ in (train, test):
+            images[:] = train[0][0]
     names = [f"class{i}" for i in range(num_classes)]
     if num_classes == 10:
         folder = root / "cifar-10-batches-py"
