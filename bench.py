@@ -247,8 +247,8 @@ def measure_fresh(*args) -> tuple[list[float], int]:
 
 
 def bench_model(name: str, batch: int, a: argparse.Namespace, device_name: str) -> list:
-    """Each speed mode of one model, then memory_efficient with the fastest one's settings,
-    in a.rounds interleaved rounds, so a change in background load hits every mode alike."""
+    """Each speed mode of one model, then memory_efficient with the fastest one's settings
+    and with naive's, in a.rounds interleaved rounds, so a change in background load hits every mode alike."""
     order = modes(torch.device(a.device).type, a.cpu_compile)
     times, mems = {}, {}
     for i in range(a.rounds):
@@ -256,7 +256,13 @@ def bench_model(name: str, batch: int, a: argparse.Namespace, device_name: str) 
             if mode is None:  # the first round's speed modes are done
                 speed = [summarise(m, batch, times[m], mems[m]) for m in order]
                 mode = efficient_mode(speed[1:] or speed)
-                order.append(mode)
+                # and at naive settings too: the recomputation's cost at equal precision
+                order += [
+                    mode,
+                    replace(
+                        order[0], name="memory_efficient-naive", memory_efficient=True
+                    ),
+                ]
             args = (name, batch, mode, a.device, a.warmup, a.steps, a.threads)
             # A failing mode (a compile error, say) is skipped without losing the others.
             try:

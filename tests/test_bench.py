@@ -36,7 +36,7 @@ def test_quick_run_writes_json_and_table(tmp_path: Path):
         "python bench.py"
     )
     assert [r["mode"] for r in records] == [
-        "naive", "+channels_last", "+amp", "memory_efficient"
+        "naive", "+channels_last", "+amp", "memory_efficient", "memory_efficient-naive"
     ]  # fmt: skip
     for r in records:
         assert KEYS <= r.keys()
@@ -45,7 +45,8 @@ def test_quick_run_writes_json_and_table(tmp_path: Path):
             assert r[key] > 0, (r["mode"], key)
         assert 0 < r["frac_of_peak"] < 1
     assert records[0]["speedup_vs_naive"] == 1 and records[0]["mem_vs_naive"] == 1
-    assert records[-1]["settings"].endswith("memory_efficient")
+    assert records[-2]["settings"].endswith("memory_efficient")
+    assert records[-1]["settings"] == "NCHW, fp32, eager, memory_efficient"
     text = table.read_text()
     assert (
         text.startswith("`python bench.py --quick") and "| tiny | 16 | naive |" in text
