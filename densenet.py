@@ -22,6 +22,7 @@ __all__ = [
     "densenet201",
     "densenet264",
     "densenet_cifar",
+    "load_file",
     "load_torchvision_checkpoint",
 ]
 
@@ -313,15 +314,20 @@ def densenet161(**kwargs) -> DenseNet:
 _LEGACY_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
 
 
+def load_file(path: str | PathLike) -> object:
+    """torch.load(weights_only=True) on the CPU; an unreadable file is a one-line ValueError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(
+            f"cannot read {path}: truncated or corrupt ({reason})"
+        ) from None
+
+
 def load_torchvision_checkpoint(model: DenseNet, path: str | PathLike) -> None:
     """Load a torchvision DenseNet state_dict file (legacy keys included) into model, strictly."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
-            f"cannot read {path} as a torch checkpoint: {reason}"
-        ) from None
+    state = load_file(path)
     if not isinstance(state, dict) or not all(
         isinstance(v, Tensor) for v in state.values()
     ):

@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import densenet
+
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is one line for the user."""
@@ -65,12 +67,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt: {reason[:200]}"
-        ) from None
+        ckpt = densenet.load_file(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(ckpt, dict) or not {"model", "args", "epoch"} <= ckpt.keys():
         raise CheckpointError(
             f"{path} is not a train.py checkpoint (a foreign or raw state_dict?)"
