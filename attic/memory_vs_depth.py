@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Checks that memory_efficient=True stores activations linear in depth (plain: quadratic):
+bytes autograd keeps for backward, parameters excluded, for DenseNet-BC depths 40..250.
+
+Run: python attic/memory_vs_depth.py [--growth 12 --batch 16 --size 32]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import densenet
+
+
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Distinct storages saved for backward by one forward, excluding parameters."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return sum(storages.values())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--growth", type=int, default=12)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=32)
+    a = p.parse_args()
+    x = torch.randn(a.batch, 3, a.size, a.size)
+    print("| depth | plain MiB | memory_efficient MiB | ratio |\n|---|---|---|---|")
+    for depth in (40, 70, 100, 160, 250):
+        plain, lean = (
+            saved_bytes(densenet.densenet_cifar(depth, a.growth, memory_efficient=e), x)
+            / 2**20
+            for e in (False, True)
+        )
+        print(f"| {depth} | {plain:.0f} | {lean:.0f} | {lean / plain:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
