@@ -60,17 +60,9 @@ def finish(proc: subprocess.Popen, code: int = 0) -> str:
 def test_ddp_run_logs_once_checkpoints_unwrapped_and_resumes(tmp_path):
     data, md5 = cifar(tmp_path, n_train=128, n_test=40)
     save = tmp_path / "run"
-    argv = [
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        data,
-        "--save",
-        save,
-        "--batch-size",
-        32,
-        *TINY,
-    ]
+    # --memory-efficient: non-reentrant checkpointing under DDP
+    argv = ["--dataset", "cifar10", "--data-dir", data, "--save", save, "--batch-size", 32,
+            "--memory-efficient", *TINY]  # fmt: skip
     out = finish(launch(md5, [*argv, "--epochs", 2]))
     assert "cpu x2" in out and out.count("epoch 1 lr") == 1  # rank 0 alone prints
     assert [p.name for p in tmp_path.rglob("log.csv")] == ["log.csv"]
@@ -78,9 +70,8 @@ def test_ddp_run_logs_once_checkpoints_unwrapped_and_resumes(tmp_path):
     ckpt = torch.load(save / "latest.pt", weights_only=True)
     densenet.densenet_cifar(10, 4).load_state_dict(ckpt["model"])  # no "module." prefix
     finish(launch(md5, [*argv, "--epochs", 3, "--resume"]))  # distributed resume
-    finish(
-        launch(md5, [*argv, "--epochs", 4, "--resume"], nproc=0)
-    )  # and in one process
+    # and in one process
+    finish(launch(md5, [*argv, "--epochs", 4, "--resume"], nproc=0))
     assert list(pd.read_csv(save / "log.csv").epoch) == [1, 2, 3, 4]
 
 
