@@ -34,19 +34,17 @@ class _ScratchRunningStats:
     batch is counted once (torchvision and efficient_densenet_pytorch count it twice).
     A class, not @contextmanager: each backward through the graph enters it again."""
 
-    def __init__(self, *norms: nn.BatchNorm2d):
-        self.norms = norms
+    def __init__(self, norm: nn.BatchNorm2d):
+        self.norm = norm
 
     def __enter__(self):
-        self.real = [dict(norm.named_buffers(recurse=False)) for norm in self.norms]
-        for norm, buffers in zip(self.norms, self.real, strict=True):
-            for name, buf in buffers.items():
-                setattr(norm, name, buf.clone())
+        self.real = dict(self.norm.named_buffers(recurse=False))
+        for name, buf in self.real.items():
+            setattr(self.norm, name, buf.clone())
 
     def __exit__(self, *exc):
-        for norm, buffers in zip(self.norms, self.real, strict=True):
-            for name, buf in buffers.items():
-                setattr(norm, name, buf)
+        for name, buf in self.real.items():
+            setattr(self.norm, name, buf)
 
 
 class _DenseLayer(nn.Module):
@@ -79,41 +77,35 @@ class _DenseLayer(nn.Module):
         self.drop_rate = drop_rate
         self.memory_efficient = memory_efficient
 
-    def _cheap_part(self, *features: Tensor) -> Tensor:
-        """Concatenation, BN, ReLU, the first conv (and its dropout), then the bottleneck's
-        BN and ReLU: everything but the 3x3 conv, cheap to recompute in backward."""
-        out = self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
-        if self.drop_rate > 0:
-            out = F.dropout(out, self.drop_rate, self.training)
-        if self.bottleneck:
-            out = self.relu2(self.norm2(out))
-        return out
+    def _first_conv(self, *features: Tensor) -> Tensor:
+        """Concatenation, BN, ReLU and the first conv: the part whose inputs grow with depth."""
+        return self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
 
     def forward(self, features: list[Tensor]) -> Tensor:
         if self.memory_efficient and self.training and torch.is_grad_enabled():
-            # Keep only the output (4k or k channels): the concatenation and BN outputs of
+            # Keep only the (linear-size) output; the concatenation and BN output of
             # every layer are recomputed in backward, so memory grows linearly with depth.
             # Under torch.compile the running-stat update is a traced buffer mutation that
             # happens once, so only eager mode needs the scratch-stats recomputation context.
             kwargs = {}
             if not torch.compiler.is_compiling():
-                norms = (self.norm1, self.norm2) if self.bottleneck else (self.norm1,)
                 kwargs["context_fn"] = lambda: (
                     nullcontext(),
-                    _ScratchRunningStats(*norms),
+                    _ScratchRunningStats(self.norm1),
                 )
             out = checkpoint(
-                self._cheap_part,
+                self._first_conv,
                 *features,
                 use_reentrant=False,
-                preserve_rng_state=self.drop_rate
-                > 0,  # same dropout mask when recomputed
+                preserve_rng_state=False,  # nothing random inside: dropout comes after
                 **kwargs,
             )
         else:
-            out = self._cheap_part(*features)
+            out = self._first_conv(*features)
+        if self.drop_rate > 0:
+            out = F.dropout(out, self.drop_rate, self.training)
         if self.bottleneck:
-            out = self.conv2(out)
+            out = self.conv2(self.relu2(self.norm2(out)))
             if self.drop_rate > 0:
                 out = F.dropout(out, self.drop_rate, self.training)
         return out
