@@ -248,21 +248,13 @@ def measure_fresh(*args) -> tuple[list[float], int]:
 
 def bench_model(name: str, batch: int, a: argparse.Namespace, device_name: str) -> list:
     """Each speed mode of one model, then memory_efficient with the fastest one's settings
-    and with naive's, in a.rounds interleaved rounds, so a change in background load hits every mode alike."""
+    and with naive's, in a.rounds interleaved rounds: background load hits every mode alike."""
     order = modes(torch.device(a.device).type, a.cpu_compile)
     times, mems = {}, {}
     for i in range(a.rounds):
-        for mode in order + [None] * (i == 0):
-            if mode is None:  # the first round's speed modes are done
-                speed = [summarise(m, batch, times[m], mems[m]) for m in order]
-                mode = efficient_mode(speed[1:] or speed)
-                # and at naive settings too: the recomputation's cost at equal precision
-                order += [
-                    mode,
-                    replace(
-                        order[0], name="memory_efficient-naive", memory_efficient=True
-                    ),
-                ]
+        queue = list(order)
+        while queue:
+            mode = queue.pop(0)
             args = (name, batch, mode, a.device, a.warmup, a.steps, a.threads)
             # A failing mode (a compile error, say) is skipped without losing the others.
             try:
@@ -272,11 +264,21 @@ def bench_model(name: str, batch: int, a: argparse.Namespace, device_name: str) 
                     raise
                 print(f"{name} {mode.name} failed, skipped: {e!r}", file=sys.stderr)
                 order.remove(mode)
-                continue
-            times.setdefault(mode, []).extend(step_times)
-            mems[mode] = max(mem, mems.get(mode, 0))
-            print(f"{name} {mode.name} (round {i + 1}): {batch / statistics.median(step_times):.1f}"
-                  f" img/s, {mem / 2**20:.0f} MiB", file=sys.stderr)  # fmt: skip
+            else:
+                times.setdefault(mode, []).extend(step_times)
+                mems[mode] = max(mem, mems.get(mode, 0))
+                print(f"{name} {mode.name} (round {i + 1}): {batch / statistics.median(step_times):.1f}"
+                      f" img/s, {mem / 2**20:.0f} MiB", file=sys.stderr)  # fmt: skip
+            if not queue and not any(m.memory_efficient for m in order):
+                # The first round's speed modes are done: add memory_efficient with the
+                # fastest one's settings, and with naive's (the cost at equal precision).
+                speed = [summarise(m, batch, times[m], mems[m]) for m in order]
+                fastest = efficient_mode(speed[1:] or speed)
+                naive = replace(
+                    order[0], name="memory_efficient-naive", memory_efficient=True
+                )
+                order += [fastest, naive]
+                queue += [fastest, naive]
     rows = [summarise(mode, batch, times[mode], mems[mode]) for mode in order]
     flops = flops_per_img(name, batch)
     peaks = [peak_flops(device_name, r.mode.amp, a.threads) for r in rows]

@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 def test_quick_run_writes_json_and_table(tmp_path: Path):
     out, table = tmp_path / "bench.json", tmp_path / "bench.md"
     cmd = [sys.executable, "bench.py", "--quick", "--models", "tiny", "--device", "cpu",
-           "--threads", "1", "--rounds", "2", "--out", str(out), "--markdown", str(table)]  # fmt: skip
+           "--threads", "1", "--out", str(out), "--markdown", str(table)]  # fmt: skip
     done = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
     )
