@@ -297,7 +297,10 @@ def build_optimizer(a: argparse.Namespace, model: nn.Module):
         params = diracnet.weight_decay_groups(model, a.weight_decay)
     else:
         params = [{"params": list(model.parameters()), "weight_decay": a.weight_decay}]
-    opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov)
+    try:  # SGD checks lr, momentum and weight decay itself
+        opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov)
+    except ValueError as e:
+        raise UserError(f"{e} (--lr, --momentum, --weight-decay, --nesterov)") from None
     milestones = sorted({round(f * a.epochs) for f in a.milestones})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=a.gamma)
     return opt, sched

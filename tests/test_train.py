@@ -188,6 +188,7 @@ def test_refusals_are_one_line_errors(tmp_path, capsys):
             "--arch is for --dataset imagenet",
         ),
         ([*argv, "--save", tmp_path / "none", "--resume"], "does not exist"),
+        ([*argv, "--save", tmp_path / "new", "--lr", -1], "Invalid learning rate"),
     ]
     for case, message in cases:
         code, _, err = run(case, capsys)
