@@ -261,7 +261,14 @@ def build_data(a: argparse.Namespace, rank: int, world: int, device: torch.devic
         )  # fmt: skip
         return info, train, {"test": val}
     info = data.DATASETS[a.dataset]
+    # Under torchrun each node's first process downloads while the others wait, so no two
+    # processes write the same files; every process passes exactly one barrier.
+    first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"
+    if world > 1 and not first_on_node:
+        dist.barrier()
     splits = data.load(a.dataset, a.data_dir, device, train_subset=a.train_subset)
+    if world > 1 and first_on_node:
+        dist.barrier()
     if a.dataset == "svhn":
         mean = std = None  # the paper divides SVHN pixels by 255 and nothing more
     else:
