@@ -196,7 +196,7 @@ def test_recomputation_only_when_training_with_grad():
     assert calls[0] == 4
 
 
-def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the activations autograd keeps for backward: distinct storages, parameters
     excluded (DenseNet's parameter count itself grows quadratically with depth)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -220,7 +220,7 @@ def test_memory_efficient_memory_grows_linearly_with_depth():
         for n in (8, 16, 24):  # layers per block
             torch.manual_seed(0)
             model = D.DenseNet(12, (n, n, n), memory_efficient=efficient)
-            saved[efficient, n] = _saved_bytes(model, x)
+            saved[efficient, n] = saved_bytes(model, x)
     plain = [saved[False, n] for n in (8, 16, 24)]
     lean = [saved[True, n] for n in (8, 16, 24)]
     # quadratic: the second difference is clearly positive; linear: about zero
