@@ -376,3 +376,28 @@ def test_diracnet_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
     net.load_state_dict(folded["state_dict"])
     assert not any("." in name for name, _ in net.named_children())
     assert os.path.getsize(tmp_path / "folded.pt") > 0
+
+
+def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
+    # The last training batch is dropped and evaluation pads its last batch, so the only
+    # compilations are epoch 1's train and eval graphs; TORCH_LOGS reports any other.
+    # 100 training images and 40 test images: partial last batches on both sides (batch 32)
+    synthetic.make_mnist(tmp_path / "data", "mnist", n_train=100, n_test=40)
+    argv = [
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        tmp_path / "data",
+        "--save",
+        tmp_path / "run",
+        *TINY,
+    ]
+    env = {**os.environ, "TORCH_LOGS": "recompiles"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *map(str, argv), "--epochs", "3", "--compile"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=600,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    after_first_epoch = done.stdout.split("epoch 1 lr", 1)[1]
+    assert "epoch 3 lr" in after_first_epoch and "Recompiling" not in after_first_epoch
