@@ -519,9 +519,14 @@ def run(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         seconds += time.perf_counter() - t0
         if not torch.isfinite(sums[0]):
+            kept = save / "latest.pt"
+            kept = (
+                f"{kept} holds the last good state"
+                if kept.exists()
+                else "nothing was saved"
+            )
             raise UserError(
-                f"the training loss became non-finite in epoch {epoch + 1}; {save}/latest.pt "
-                "holds the last good state (try a lower --lr)"
+                f"the training loss became non-finite in epoch {epoch + 1}; {kept} (try a lower --lr)"
             )
         if signum:
             checkpoint([save / "latest.pt"])

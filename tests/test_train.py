@@ -253,6 +253,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     )
     assert (save / "latest.pt").read_bytes() == before
     assert len(pd.read_csv(save / "log.csv")) == 2
+    code, _, err = run([*argv, "--save", tmp_path / "fresh", "--lr", 1e30], capsys)
+    assert code == 2 and "non-finite in epoch 1; nothing was saved" in err
+    assert not (tmp_path / "fresh" / "latest.pt").exists()
 
 
 def final_state(save: Path) -> dict:
