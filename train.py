@@ -230,26 +230,35 @@ def setup_distributed(device_flag: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def build_model(a: argparse.Namespace, num_classes: int, in_channels: int) -> nn.Module:
-    """The network the flags describe; ValueErrors from the model become user errors."""
+def build_model(
+    a: argparse.Namespace, info: data.DatasetInfo, device: torch.device
+) -> nn.Module:
+    """The network the flags describe, on the device in the chosen memory layout (SyncBatchNorm
+    under --sync-bn); ValueErrors from the model become user errors."""
     try:
-        if a.dataset == "imagenet":
-            if a.arch in DIRAC_ARCHS:
-                return getattr(diracnet, a.arch)(num_classes=num_classes)
-            return getattr(densenet, a.arch)(
-                num_classes=num_classes,
-                drop_rate=a.drop_rate,
+        if a.dataset == "imagenet" and a.arch in DIRAC_ARCHS:
+            net = getattr(diracnet, a.arch)(num_classes=info.num_classes)
+        elif a.dataset == "imagenet":
+            net = getattr(densenet, a.arch)(
+                num_classes=info.num_classes, drop_rate=a.drop_rate,
                 memory_efficient=a.memory_efficient,
+            )  # fmt: skip
+        elif a.model == "diracnet":
+            net = diracnet.diracnet_cifar(
+                a.depth, a.width, info.num_classes, info.in_channels
             )
-        if a.model == "diracnet":
-            return diracnet.diracnet_cifar(a.depth, a.width, num_classes, in_channels)
-        return densenet.densenet_cifar(
-            a.depth, a.growth, bottleneck=a.bottleneck, compression=a.compression,
-            drop_rate=a.drop_rate, num_classes=num_classes, in_channels=in_channels,
-            memory_efficient=a.memory_efficient,
-        )  # fmt: skip
+        else:
+            net = densenet.densenet_cifar(
+                a.depth, a.growth, bottleneck=a.bottleneck, compression=a.compression,
+                drop_rate=a.drop_rate, num_classes=info.num_classes,
+                in_channels=info.in_channels, memory_efficient=a.memory_efficient,
+            )  # fmt: skip
     except ValueError as e:
         raise UserError(str(e)) from None
+    if a.sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    layout = torch.channels_last if a.channels_last else torch.preserve_format
+    return net.to(device, memory_format=layout)
 
 
 def build_data(a: argparse.Namespace, rank: int, world: int, device: torch.device):
@@ -358,7 +367,7 @@ def run_evaluate(
         state = ckpt["model"]
     a = resolve(a, device)
     info, _, evals = build_data(a, rank, world, device)
-    net = build_model(a, info.num_classes, info.in_channels)
+    net = build_model(a, info, device)
     try:
         if state is None:
             densenet.load_torchvision_checkpoint(net, a.pretrained)
@@ -368,10 +377,6 @@ def run_evaluate(
         raise UserError(
             f"{a.pretrained or a.evaluate}: {str(e).splitlines()[0]}"
         ) from None
-    net.to(
-        device,
-        memory_format=torch.channels_last if a.channels_last else torch.preserve_format,
-    )
     top5 = logs_top5(a, info.num_classes)
     for name, batches in evals.items():
         row = engine.summarise(
@@ -430,13 +435,7 @@ def run(argv: list[str] | None = None) -> int:
     random.seed(a.seed)
     np.random.seed(a.seed)
     info, train, evals = build_data(a, rank, world, device)
-    net = build_model(a, info.num_classes, info.in_channels)
-    if a.sync_bn:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    net.to(
-        device,
-        memory_format=torch.channels_last if a.channels_last else torch.preserve_format,
-    )
+    net = build_model(a, info, device)
     opt, sched = build_optimizer(a, net)
     scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16")
     epoch, step, best, seconds = 0, 0, math.inf, 0.0
@@ -470,12 +469,14 @@ def run(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     log = save / "log.csv"
+    args = {
+        k: v for k, v in vars(a).items() if k != "tty"
+    }  # what args.json and checkpoints hold
     writer = None
     if rank == 0:
         save.mkdir(parents=True, exist_ok=True)
         engine.trim_log(log, epoch)
         meta = {"torch": torch.__version__, "device": str(device), "world_size": world}
-        args = {k: v for k, v in vars(a).items() if k != "tty"}
         (save / "args.json").write_text(json.dumps({**args, **meta}, indent=2) + "\n")
         if a.tensorboard:
             try:
@@ -503,14 +504,14 @@ def run(argv: list[str] | None = None) -> int:
                 "model": net.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                 "step": step, "best": best, "seconds": seconds, "ranks": ranks,
-                "data_rng": data_rng, "args": {k: v for k, v in vars(a).items() if k != "tty"},
+                "data_rng": data_rng, "args": args,
             }  # fmt: skip
             for path in paths:
                 engine.atomic_save(state, path)
 
+    # Each epoch's draws come from data_rng: a mid-epoch resume redraws them and skips ahead.
+    data_rng = train.generator.get_state()
     while epoch < a.epochs:
-        # This epoch's draws come from here: a mid-epoch resume redraws them and skips ahead.
-        data_rng = train.generator.get_state()
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
         sums, step, signum = engine.train_epoch(
