@@ -316,8 +316,7 @@ class Batches:
         self.c_axis = torch.arange(channels, device=device).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+        return batches_per_epoch(len(self.labels), self.batch_size, self.train)
 
     def epoch(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(float32 images, int64 labels) of this rank for batches start..len-1.
@@ -377,6 +376,11 @@ class Batches:
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=layout)
+
+
+def batches_per_epoch(n: int, batch_size: int, train: bool) -> int:
+    """Training drops the last partial batch (every step has one shape); evaluation pads it."""
+    return n // batch_size if train else math.ceil(n / batch_size)
 
 
 def _check_ranks(batch_size: int, rank: int, world_size: int) -> None:
@@ -473,8 +477,7 @@ class Loader:
         )
 
     def __len__(self) -> int:
-        n = self.n
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+        return batches_per_epoch(self.n, self.batch_size, self.train)
 
     def epoch(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(normalised images, int64 labels) on the device for batches start..len-1.
