@@ -47,6 +47,16 @@ class _ScratchRunningStats:
             setattr(self.norm, name, buf)
 
 
+def _layout(x: Tensor) -> torch.memory_format:
+    """channels_last if x's channels are its innermost dimension, else NCHW."""
+    return torch.channels_last if x.stride(1) == 1 else torch.contiguous_format
+
+
+def _recomputes(module: nn.Module) -> bool:
+    """Whether a memory-efficient module recomputes its growing part in backward."""
+    return module.memory_efficient and module.training and torch.is_grad_enabled()
+
+
 class _DenseLayer(nn.Module):
     """BN-ReLU-Conv1x1(4k)-BN-ReLU-Conv3x3(k) with bottleneck, BN-ReLU-Conv3x3(k) without.
 
@@ -77,14 +87,19 @@ class _DenseLayer(nn.Module):
         self.drop_rate = drop_rate
         self.memory_efficient = memory_efficient
 
-    def _first_conv(self, *features: Tensor) -> Tensor:
-        """Concatenation, BN, ReLU and the first conv: the part whose inputs grow with depth."""
-        return self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
+    def _first_conv(self, x: Tensor) -> Tensor:
+        """BN, ReLU and the first conv: the part whose input grows with depth."""
+        # A prefix view of memory_efficient's buffer is strided; BN's fast kernels need
+        # a dense tensor (for the plain path's own tensor this is a no-op).
+        x = x.contiguous(memory_format=_layout(x))
+        return self.conv1(self.relu1(self.norm1(x)))
 
-    def forward(self, features: list[Tensor]) -> Tensor:
-        if self.memory_efficient and self.training and torch.is_grad_enabled():
-            # Keep only the (linear-size) output; the concatenation and BN output of
-            # every layer are recomputed in backward, so memory grows linearly with depth.
+    def forward(self, x: Tensor) -> Tensor:
+        """New feature maps from x, the concatenation of all earlier ones."""
+        if _recomputes(self):
+            # Keep only the (linear-size) output; the BN output of every layer is
+            # recomputed in backward, so memory grows linearly with depth. x is a view
+            # of the block's shared buffer (_Append), so it costs no memory of its own.
             # Under torch.compile the running-stat update is a traced buffer mutation that
             # happens once, so only eager mode needs the scratch-stats recomputation context.
             kwargs = {}
@@ -95,13 +110,13 @@ class _DenseLayer(nn.Module):
                 )
             out = checkpoint(
                 self._first_conv,
-                *features,
+                x,
                 use_reentrant=False,
                 preserve_rng_state=False,  # nothing random inside: dropout comes after
                 **kwargs,
             )
         else:
-            out = self._first_conv(*features)
+            out = self._first_conv(x)
         if self.drop_rate > 0:
             out = F.dropout(out, self.drop_rate, self.training)
         if self.bottleneck:
@@ -109,6 +124,24 @@ class _DenseLayer(nn.Module):
             if self.drop_rate > 0:
                 out = F.dropout(out, self.drop_rate, self.training)
         return out
+
+
+class _Append(torch.autograd.Function):
+    """Write new feature maps into the block's buffer after x (a prefix view of it) and
+    return the longer prefix. Nothing is copied twice and nothing is saved for backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, new: Tensor, buffer: Tensor) -> Tensor:
+        ctx.split = x.shape[1]
+        end = ctx.split + new.shape[1]
+        buffer[:, ctx.split : end].copy_(new)
+        # .data: the same memory under its own version counter. Later layers write only
+        # past this prefix, so the checkpoint that saved it must not see them as changes.
+        return buffer[:, :end].data
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        return grad[:, : ctx.split], grad[:, ctx.split :], None
 
 
 class _DenseBlock(nn.ModuleDict):
@@ -119,12 +152,31 @@ class _DenseBlock(nn.ModuleDict):
         for i in range(num_layers):
             layer = _DenseLayer(in_channels + i * growth_rate, growth_rate, **layer_kw)
             self.add_module(f"denselayer{i + 1}", layer)
+        self.out_channels = in_channels + num_layers * growth_rate
+        self.memory_efficient = layer_kw["memory_efficient"]
 
     def forward(self, x: Tensor) -> Tensor:
-        features = [x]
+        if not _recomputes(self):
+            # Growing the input by one concatenation a layer, rather than concatenating
+            # all earlier outputs in every layer, lets autograd sum each layer's input
+            # gradient once, as one tensor, instead of once per earlier output as thin
+            # channel slices: 1.7x faster training in channels_last on CPU (README).
+            for layer in self.values():
+                x = torch.cat([x, layer(x)], 1)
+            return x
+        # memory_efficient: every layer's input is a prefix of one buffer that will hold
+        # the block's output, so the inputs the checkpoints keep cost no memory.
+        n, _, h, w = x.shape
+        buffer = torch.empty(
+            (n, self.out_channels, h, w),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=_layout(x),
+        )
+        x = _Append.apply(buffer[:, :0], x, buffer)
         for layer in self.values():
-            features.append(layer(features))
-        return torch.cat(features, 1)
+            x = _Append.apply(x, layer(x), buffer)
+        return x
 
 
 class _Transition(nn.Module):

@@ -173,6 +173,34 @@ def test_memory_efficient_equals_plain(bottleneck, drop_rate):
     assert plain.features.norm5.num_batches_tracked.item() == 2
 
 
+def test_memory_efficient_layers_read_one_buffer_per_block():
+    """Each layer's input is a prefix view of the block's output, not a copy of its own."""
+    model = _tiny(True, memory_efficient=True)
+    block = model.features.denseblock1
+    inputs, outputs = [], []
+    for layer in block.values():
+        layer.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+    block.register_forward_hook(lambda *args: outputs.append(args[-1]))
+    model(torch.randn(2, 3, 8, 8, dtype=torch.float64)).sum().backward()
+    (out,) = outputs
+    for x in inputs:
+        assert x.data_ptr() == out.data_ptr()
+        assert torch.equal(x, out[:, : x.shape[1]])
+
+
+def test_memory_efficient_under_compile_equals_plain():
+    """torch.compile traces the shared-buffer writes and the checkpoint correctly."""
+    plain = _tiny(True, drop_rate=0.0)
+    efficient = torch.compile(_tiny(True, memory_efficient=True))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    a = _train_step(plain, x, y, 0)
+    b = _train_step(efficient, x, y, 0)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(plain.named_parameters(), efficient.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def _count_norm1_calls(model: D.DenseNet) -> list[int]:
     calls = [0]
     # BN, not the conv: recomputation stops early, inside the conv, once all it needs is saved
