@@ -224,6 +224,8 @@ def measure(name: str, batch: int, mode: Mode, device: str, warmup: int, steps: 
     torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True  # as train.py sets it on CUDA
     device = torch.device(device)
+    if device.type == "cpu":
+        engine.keep_freed_memory()  # as train.py does, for every mode alike
     model, opt, scaler, x, y = prepare(name, batch, mode, device)
     engine.train_step(model, opt, scaler, x[:1], y[:1], mode.amp)  # see MEMORY_NOTE
     net = torch.compile(model, mode=mode.compile) if mode.compile else model

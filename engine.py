@@ -1,6 +1,7 @@
 """The training loop's parts, shared by train.py and bench.py: the step, evaluation,
 metrics, stop signals, and the run's files (atomic checkpoints, CSV log)."""
 
+import ctypes
 import os
 import random
 import signal
@@ -95,6 +96,18 @@ class Stop:
         flag = torch.tensor([self.signum])
         dist.all_reduce(flag, dist.ReduceOp.MAX, group=group)
         return int(flag)
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for reuse (a no-op elsewhere).
+
+    By default glibc hands large blocks back to the OS on free, so on CPU every step's
+    activations page-fault in afresh: that took ~20% of a memory_efficient CPU step.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap, not from mmap
+        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not shrink the heap
 
 
 def metrics(out: torch.Tensor, y: torch.Tensor, top5: bool) -> torch.Tensor:

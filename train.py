@@ -410,6 +410,8 @@ def run(argv: list[str] | None = None) -> int:
         if getattr(a, key) is None:
             setattr(a, key, value)
     rank, world, device = setup_distributed(a.device)
+    if device.type == "cpu":
+        engine.keep_freed_memory()
     a.tty = sys.stderr.isatty() and rank == 0
     if a.evaluate is not None:
         return run_evaluate(a, given, rank, world, device)

@@ -404,3 +404,32 @@ def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
     assert done.returncode == 0, done.stdout
     after_first_epoch = done.stdout.split("epoch 1 lr", 1)[1]
     assert "epoch 3 lr" in after_first_epoch and "Recompiling" not in after_first_epoch
+
+
+FREE_A_BLOCK = """
+import os, sys, torch, engine
+if sys.argv[1] == "keep":
+    engine.keep_freed_memory()
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+x = torch.ones(2**26)  # 256 MiB, touched
+before = rss()
+del x
+print(before - rss())
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "keep"])
+def test_keep_freed_memory_keeps_large_blocks_for_reuse(mode):
+    """By default glibc unmaps a freed 256 MiB block (its pages fault in again on reuse);
+    after keep_freed_memory() it stays in the heap."""
+    done = subprocess.run(
+        [sys.executable, "-c", FREE_A_BLOCK, mode], cwd=ROOT, capture_output=True,
+        text=True, timeout=120, check=True,
+    )  # fmt: skip
+    released = int(done.stdout)
+    if mode == "keep":
+        assert released < 2**20
+    else:
+        assert released > 200 * 2**20
