@@ -127,8 +127,8 @@ class _DenseLayer(nn.Module):
 
 
 class _Append(torch.autograd.Function):
-    """Write new feature maps into the block's buffer after x (a prefix view of it) and
-    return the longer prefix. Nothing is copied twice and nothing is saved for backward."""
+    """Copy new feature maps into the block's buffer right after x (a prefix of it) and
+    return the longer prefix; backward splits the gradient. Saves nothing for backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, new: Tensor, buffer: Tensor) -> Tensor:
@@ -160,7 +160,7 @@ class _DenseBlock(nn.ModuleDict):
             # Growing the input by one concatenation a layer, rather than concatenating
             # all earlier outputs in every layer, lets autograd sum each layer's input
             # gradient once, as one tensor, instead of once per earlier output as thin
-            # channel slices: 1.7x faster training in channels_last on CPU (README).
+            # channel slices: bf16 channels_last training on CPU got ~1.4x faster (README).
             for layer in self.values():
                 x = torch.cat([x, layer(x)], 1)
             return x
