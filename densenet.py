@@ -147,13 +147,25 @@ class _Append(torch.autograd.Function):
 class _DenseBlock(nn.ModuleDict):
     """num_layers dense layers; each sees the concatenation of all earlier outputs."""
 
-    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, **layer_kw):
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int,
+        memory_efficient: bool,
+        **layer_kw,
+    ):
         super().__init__()
         for i in range(num_layers):
-            layer = _DenseLayer(in_channels + i * growth_rate, growth_rate, **layer_kw)
+            layer = _DenseLayer(
+                in_channels + i * growth_rate,
+                growth_rate,
+                memory_efficient=memory_efficient,
+                **layer_kw,
+            )
             self.add_module(f"denselayer{i + 1}", layer)
         self.out_channels = in_channels + num_layers * growth_rate
-        self.memory_efficient = layer_kw["memory_efficient"]
+        self.memory_efficient = memory_efficient
 
     def forward(self, x: Tensor) -> Tensor:
         if not _recomputes(self):
