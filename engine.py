@@ -49,18 +49,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    """Temp file in the same folder, fsync, rename: a kill at any instant leaves the old or new file."""
+def _atomic_write(path: Path, write, mode: str = "wb") -> None:
+    """Temp file in the same folder, write(f), fsync, rename: a kill at any instant
+    leaves the old or the new file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save, atomically (_atomic_write)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -213,10 +219,7 @@ def trim_log(path: Path, epochs_done: int) -> None:
             ln for ln in lines[1:] if int(ln.split(",")[0]) <= epochs_done
         ]
         if keep != lines:
-            fd, tmp = tempfile.mkstemp(dir=path.parent)
-            with os.fdopen(fd, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, path)
+            _atomic_write(path, lambda f: f.writelines(keep), mode="w")
 
 
 def append_row(path: Path, row: dict) -> None:
