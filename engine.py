@@ -171,9 +171,8 @@ def evaluate(model, batches, amp: str, top5: bool, world: int = 1) -> torch.Tens
     sums = None
     for x, y in batches.epoch():
         with autocast(amp, x.device):
-            if (
-                x.dim() == 5
-            ):  # ten crops: average the softmax over crops (paper Table 3)
+            # ten crops: average the softmax over crops (paper Table 3)
+            if x.dim() == 5:
                 probs = model(x.flatten(0, 1)).float().softmax(1)
                 out = probs.view(*x.shape[:2], -1).mean(1).clamp_min(1e-12).log()
             else:

@@ -80,9 +80,8 @@ def recipe(a: argparse.Namespace) -> dict:
     if a.dataset in ("mnist", "fashion-mnist"):  # not in the paper: our short schedule
         r.update(epochs=40)
     augment = r["augment"] if a.augment is None else a.augment
-    r["drop_rate"] = (
-        0.0 if augment else 0.2
-    )  # the paper drops out only without augmentation
+    # the paper drops out only without augmentation
+    r["drop_rate"] = 0.0 if augment else 0.2
     r["compression"] = (
         0.5 if (a.bottleneck if a.bottleneck is not None else True) else 1.0
     )
@@ -471,9 +470,8 @@ def run(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     log = save / "log.csv"
-    args = {
-        k: v for k, v in vars(a).items() if k != "tty"
-    }  # what args.json and checkpoints hold
+    # what args.json and checkpoints hold
+    args = {k: v for k, v in vars(a).items() if k != "tty"}
     writer = None
     if rank == 0:
         save.mkdir(parents=True, exist_ok=True)

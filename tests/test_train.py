@@ -36,9 +36,8 @@ def make_dataset(name: str, root: Path, register_md5) -> None:
         classes = 10 if name == "cifar10" else 100
         syn = synthetic.make_cifar(root, n_train=200, n_test=50, num_classes=classes)
         register_md5(datasets.CIFAR10 if classes == 10 else datasets.CIFAR100, syn.md5)
-    elif (
-        name == "svhn"
-    ):  # enough per class for the paper's 6,000-image validation split
+    elif name == "svhn":
+        # enough per class for the paper's 6,000-image validation split
         syn = synthetic.make_svhn(
             root, per_class={"train": 410, "extra": 210, "test": 5}
         )
