@@ -11,6 +11,7 @@ from diracnet import (
     DiracConv1d,
     DiracConv2d,
     DiracConv3d,
+    NCReLU,
     diracnet18,
     diracnet34,
     diracnet_cifar,
@@ -147,14 +148,15 @@ def test_gradcheck_single_conv():
     leaves = [p.detach().clone().requires_grad_() for p in conv.parameters()]
 
     def f(x, *params):
-        return functional_call(conv, dict(zip(names, params)), (x,))
+        return functional_call(conv, dict(zip(names, params, strict=True)), (x,))
 
     assert torch.autograd.gradcheck(f, (x, *leaves))
 
 
-def test_gradcheck_tiny_network():
+@pytest.mark.parametrize("version", [2, 1])
+def test_gradcheck_tiny_network(version):
     torch.manual_seed(0)
-    model = diracnet_cifar(depth=10, width=0.25).double()
+    model = diracnet_cifar(depth=10, width=0.25, version=version).double()
     prefix = "features.group1.0.conv.parametrizations.weight."
     names = [prefix + "original", prefix + "0.alpha", prefix + "0.beta"]
     params = dict(model.named_parameters())
@@ -162,7 +164,7 @@ def test_gradcheck_tiny_network():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
 
     def f(x, *params):
-        return functional_call(model, dict(zip(names, params)), (x,))
+        return functional_call(model, dict(zip(names, params, strict=True)), (x,))
 
     assert torch.autograd.gradcheck(f, (x, *leaves))
 
@@ -210,9 +212,10 @@ def test_bad_depth_names_valid_depths(depth, message):
 def train_briefly(model: nn.Module, input_shape: tuple, num_classes: int) -> None:
     """A few SGD steps on random data so alpha, beta and BN statistics move."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    dtype = next(model.parameters()).dtype
     model.train()
     for _ in range(2):
-        x = torch.randn(input_shape)
+        x = torch.randn(input_shape, dtype=dtype)
         y = torch.randint(num_classes, (input_shape[0],))
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
@@ -220,12 +223,11 @@ def train_briefly(model: nn.Module, input_shape: tuple, num_classes: int) -> Non
         optimizer.step()
 
 
-def check_fold(model: nn.Module, input_shape: tuple, num_classes: int) -> None:
-    train_briefly(model, input_shape, num_classes)
+def check_fold(model: nn.Module, input_shape: tuple, num_classes: int, rtol: float = 1e-5) -> None:
     convs = [m for m in model.modules() if isinstance(m, DiracConv2d)]
-    assert any(
-        not torch.equal(dirac(c).alpha, torch.ones_like(dirac(c).alpha)) for c in convs
-    )
+    alphas = [dirac(c).alpha.detach().clone() for c in convs]
+    train_briefly(model, input_shape, num_classes)
+    assert any(not torch.equal(dirac(c).alpha, a) for c, a in zip(convs, alphas, strict=True))
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(bn.running_mean.abs().sum() > 0 for bn in bns)
 
@@ -240,6 +242,7 @@ def check_fold(model: nn.Module, input_shape: tuple, num_classes: int) -> None:
     allowed = (
         nn.Conv2d,
         nn.ReLU,
+        NCReLU,
         nn.MaxPool2d,
         nn.AdaptiveAvgPool2d,
         nn.Flatten,
@@ -253,10 +256,10 @@ def check_fold(model: nn.Module, input_shape: tuple, num_classes: int) -> None:
             assert layer.bias is not None
     assert all(key.count(".") == 1 for key in folded.state_dict())
 
-    x = torch.randn(3, *input_shape[1:])
+    x = torch.randn(3, *input_shape[1:], dtype=convs[0].weight.dtype)
     with torch.no_grad():
         expected, got = model(x), folded(x)
-    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (got - expected).abs().max() <= rtol * expected.abs().max()
 
 
 def test_fold_cifar():
@@ -288,10 +291,161 @@ def test_weight_decay_groups():
     for m in model.modules():
         if isinstance(m, DiracConv2d):
             assert id(m.parametrizations.weight.original) not in no_decay_ids
-            assert (
-                id(dirac(m).alpha) in no_decay_ids and id(dirac(m).beta) in no_decay_ids
-            )
+            assert id(dirac(m).alpha) in no_decay_ids and id(dirac(m).beta) in no_decay_ids
         if isinstance(m, nn.BatchNorm2d):
             assert id(m.weight) in no_decay_ids and id(m.bias) in no_decay_ids
     assert id(model.classifier.bias) in no_decay_ids
+    torch.optim.SGD(weight_decay_groups(model, 5e-4), lr=0.1)
+
+
+# -----------------------------------------------------------------------------
+# DiracNet v1: the v1 branch of szagoruyko/diracnets (arXiv 1706.00388v1)
+
+
+def identity_conv_v1(in_ch: int, out_ch: int) -> nn.Module:
+    """A float64 v1 DiracConv2d with alpha = 1, beta = 0, i.e. weight = its tiled delta."""
+    conv = DiracConv2d(in_ch, out_ch, 3, padding=1, bias=False, version=1, dtype=torch.float64)
+    with torch.no_grad():
+        dirac(conv).alpha.fill_(1.0)
+        dirac(conv).beta.zero_()
+    return conv
+
+
+def test_ncrelu_is_the_v1_definition():
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    y = NCReLU()(x)
+    # The v1 README: torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=1).
+    assert torch.equal(y, torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=1))
+    assert torch.equal(y[:, :3] + y[:, 3:], x)
+
+
+def test_v1_conv_parameters_and_init():
+    conv = DiracConv2d(128, 64, 3, padding=1, bias=False, version=1)
+    # v1 diracnet.py: one alpha (5) and one beta (1e-3) per conv, raw W ~ N(0, 0.1^2).
+    assert torch.equal(dirac(conv).alpha, torch.tensor([5.0]))
+    assert torch.equal(dirac(conv).beta, torch.tensor([1e-3]))
+    raw = conv.parametrizations.weight.original
+    assert abs(raw.std().item() - 0.1) < 0.005 and abs(raw.mean().item()) < 0.005
+    # The released DiracNet-18-0.75 keeps one beta per output channel.
+    per_channel = DiracConv2d(8, 4, 3, padding=1, version=1, channel_beta=True)
+    assert dirac(per_channel).alpha.shape == (1,)
+    assert torch.equal(dirac(per_channel).beta, torch.full((4,), 1e-3))
+
+
+def test_v1_delta_adds_the_ncrelu_halves_back():
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    # Half as many outputs as inputs: [I, I] turns [relu(x), -relu(-x)] back into x.
+    assert torch.equal(identity_conv_v1(8, 4)(NCReLU()(x)), x)
+    # As many outputs as inputs (a group's first block): NCReLU passes through.
+    assert torch.equal(identity_conv_v1(8, 8)(NCReLU()(x)), NCReLU()(x))
+
+
+def test_v1_weight_formula():
+    torch.manual_seed(0)
+    conv = DiracConv2d(6, 3, 3, padding=1, version=1, dtype=torch.float64)
+    with torch.no_grad():
+        dirac(conv).alpha.fill_(0.7)
+        dirac(conv).beta.fill_(-1.3)
+    raw = conv.parametrizations.weight.original
+    delta = torch.zeros(3, 6, 3, 3, dtype=torch.float64)
+    for c in range(3):
+        delta[c, c, 1, 1] = delta[c, c + 3, 1, 1] = 1.0
+    expected = 0.7 * delta - 1.3 * raw / raw.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    assert torch.allclose(conv.weight, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("in_ch, out_ch, groups", [(6, 4, 1), (4, 6, 1), (8, 4, 2)])
+def test_v1_conv_needs_one_group_and_multiple_channel_counts(in_ch, out_ch, groups):
+    with pytest.raises(ValueError, match="groups=1 and one channel count a multiple"):
+        DiracConv2d(in_ch, out_ch, 3, padding=1, groups=groups, version=1)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: diracnet_cifar(10, 1, version=3),
+        lambda: diracnet18(version=0),
+        lambda: DiracConv2d(4, 4, 3, version=3),
+    ],
+)
+def test_bad_version_is_a_value_error(build):
+    with pytest.raises(ValueError, match="version must be 1 or 2"):
+        build()
+
+
+def test_v1_cifar_structure():
+    model = diracnet_cifar(34, 1, num_classes=100, in_channels=1, version=1)
+    blocks = [m for m in model.modules() if isinstance(m, DiracConv2d)]
+    assert len(blocks) == 30
+    # Every conv reads NCReLU's doubled channels: 2 * 16 into group 0, 2 * 16 and
+    # then 2 * 32 in group 1, 2 * 32 and then 2 * 64 in group 2.
+    ins = [c.in_channels for c in blocks]
+    assert ins == [32] * 10 + [32] + [64] * 9 + [64] + [128] * 9
+    assert all(dirac(c).alpha.shape == dirac(c).beta.shape == (1,) for c in blocks)
+    # The v1 code pools the last BN's output without a ReLU.
+    names = [name for name, _ in model.features.named_children()]
+    assert names[-3:] == ["group2", "avgpool", "flatten"]
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 100)
+
+
+def test_parameter_counts_v1_diracnet18_075():
+    # diracnet-export.ipynb on the v1 branch prints "Total parameters: 12759464" for the
+    # trained DiracNet-18-0.75 and 12753640 for its folded export.
+    model = diracnet18(0.75, version=1)
+    assert n_params(model) == 12_759_464
+    assert n_params(fold(model.eval())) == 12_753_640
+
+
+def describe(layer: nn.Module) -> tuple:
+    """(kind, in, out, kernel, stride, padding) of a layer; the kind alone for the others."""
+    if isinstance(layer, nn.Conv2d):
+        return ("conv", layer.in_channels, layer.out_channels, *layer.kernel_size[:1],
+                *layer.stride[:1], *layer.padding[:1])  # fmt: skip
+    if isinstance(layer, nn.MaxPool2d):
+        return ("maxpool", layer.kernel_size, layer.stride, layer.padding)
+    if isinstance(layer, nn.Linear):
+        return ("linear", layer.in_features, layer.out_features)
+    # Our adaptive pool equals the export's AvgPool2d(7) on its 7x7 map (224x224 input).
+    if isinstance(layer, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        return ("avgpool",)
+    return (type(layer).__name__,)
+
+
+def block(in_ch: int, out_ch: int) -> list[tuple]:
+    return [("NCReLU",), ("conv", in_ch, out_ch, 3, 1, 1)]
+
+
+def test_folded_v1_diracnet18_075_is_the_released_layer_sequence():
+    # The printout of the exported DiracNet-18-0.75 in the v1 branch's README.
+    pool = ("maxpool", 2, 2, 0)
+    expected = [
+        ("conv", 3, 48, 7, 2, 3), ("maxpool", 3, 2, 1),
+        *block(96, 48), *block(96, 48), *block(96, 48), *block(96, 48), pool,
+        *block(96, 96), *block(192, 96), *block(192, 96), *block(192, 96), pool,
+        *block(192, 192), *block(384, 192), *block(384, 192), *block(384, 192), pool,
+        *block(384, 384), *block(768, 384), *block(768, 384), *block(768, 384),
+        ("ReLU",), ("avgpool",), ("Flatten",), ("linear", 384, 1000),
+    ]  # fmt: skip
+    folded = fold(diracnet18(0.75, version=1).eval())
+    assert [describe(layer) for layer in folded] == expected
+    with torch.no_grad():
+        assert folded(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_fold_v1_cifar_float64():
+    torch.manual_seed(0)
+    check_fold(diracnet_cifar(16, 1, version=1).double(), (8, 3, 32, 32), 10, rtol=1e-10)
+
+
+def test_fold_v1_imagenet_float64():
+    torch.manual_seed(0)
+    check_fold(diracnet18(0.75, version=1).double(), (4, 3, 64, 64), 1000, rtol=1e-10)
+
+
+def test_weight_decay_groups_v1_decay_everything():
+    model = diracnet_cifar(10, 0.25, version=1)
+    decay, no_decay = weight_decay_groups(model, 5e-4)
+    # v1 train.py: SGD(params.values(), lr, 0.9, weight_decay=opt.weightDecay).
+    assert decay["weight_decay"] == 5e-4 and no_decay["params"] == []
+    assert [id(p) for p in decay["params"]] == [id(p) for p in model.parameters()]
     torch.optim.SGD(weight_decay_groups(model, 5e-4), lr=0.1)
