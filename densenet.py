@@ -2,6 +2,8 @@
 
 Imports torch and the standard library only. Module and parameter names follow
 torchvision's DenseNet, so its ImageNet checkpoints load with strict=True.
+The paper's modules come first; the memory-efficient path (memory_efficient=True) has
+its own section at the end.
 """
 
 import re
@@ -29,32 +31,9 @@ __all__ = [
 BN_SIZE = 4  # bottleneck width: the 1x1 conv produces 4k feature maps (paper, Sec. 3)
 
 
-class _ScratchRunningStats:
-    """Let a recomputation update throwaway copies of BN's running statistics, so the
-    batch is counted once (torchvision and efficient_densenet_pytorch count it twice).
-    A class, not @contextmanager: each backward through the graph enters it again."""
-
-    def __init__(self, norm: nn.BatchNorm2d):
-        self.norm = norm
-
-    def __enter__(self):
-        self.real = dict(self.norm.named_buffers(recurse=False))
-        for name, buf in self.real.items():
-            setattr(self.norm, name, buf.clone())
-
-    def __exit__(self, *exc):
-        for name, buf in self.real.items():
-            setattr(self.norm, name, buf)
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    """channels_last if x's channels are its innermost dimension, else NCHW."""
-    return torch.channels_last if x.stride(1) == 1 else torch.contiguous_format
-
-
-def _recomputes(module: nn.Module) -> bool:
-    """Whether a memory-efficient module recomputes its growing part in backward."""
-    return module.memory_efficient and module.training and torch.is_grad_enabled()
+# ---------------------------------------------------------------------------------------
+# The paper's modules
+# ---------------------------------------------------------------------------------------
 
 
 class _DenseLayer(nn.Module):
@@ -76,9 +55,7 @@ class _DenseLayer(nn.Module):
         kernel = 1 if bottleneck else 3
         self.norm1 = nn.BatchNorm2d(in_channels)
         self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(
-            in_channels, mid, kernel, padding=kernel // 2, bias=False
-        )
+        self.conv1 = nn.Conv2d(in_channels, mid, kernel, padding=kernel // 2, bias=False)
         if bottleneck:
             self.norm2 = nn.BatchNorm2d(mid)
             self.relu2 = nn.ReLU(inplace=True)
@@ -89,32 +66,13 @@ class _DenseLayer(nn.Module):
 
     def _first_conv(self, x: Tensor) -> Tensor:
         """BN, ReLU and the first conv: the part whose input grows with depth."""
-        # A prefix view of memory_efficient's buffer is strided; BN's fast kernels need
-        # a dense tensor (for the plain path's own tensor this is a no-op).
-        x = x.contiguous(memory_format=_layout(x))
+        x = _dense(x)
         return self.conv1(self.relu1(self.norm1(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         """New feature maps from x, the concatenation of all earlier ones."""
-        if _recomputes(self):
-            # Keep only the (linear-size) output; the BN output of every layer is
-            # recomputed in backward, so memory grows linearly with depth. x is a view
-            # of the block's shared buffer (_Append), so it costs no memory of its own.
-            # Under torch.compile the running-stat update is a traced buffer mutation that
-            # happens once, so only eager mode needs the scratch-stats recomputation context.
-            kwargs = {}
-            if not torch.compiler.is_compiling():
-                kwargs["context_fn"] = lambda: (
-                    nullcontext(),
-                    _ScratchRunningStats(self.norm1),
-                )
-            out = checkpoint(
-                self._first_conv,
-                x,
-                use_reentrant=False,
-                preserve_rng_state=False,  # nothing random inside: dropout comes after
-                **kwargs,
-            )
+        if _recomputes(self.memory_efficient, self.training):
+            out = self._checkpointed_first_conv(x)
         else:
             out = self._first_conv(x)
         if self.drop_rate > 0:
@@ -125,23 +83,10 @@ class _DenseLayer(nn.Module):
                 out = F.dropout(out, self.drop_rate, self.training)
         return out
 
-
-class _Append(torch.autograd.Function):
-    """Copy new feature maps into the block's buffer right after x (a prefix of it) and
-    return the longer prefix; backward splits the gradient. Saves nothing for backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, new: Tensor, buffer: Tensor) -> Tensor:
-        ctx.split = x.shape[1]
-        end = ctx.split + new.shape[1]
-        buffer[:, ctx.split : end].copy_(new)
-        # .data: the same memory under its own version counter. Later layers write only
-        # past this prefix, so the checkpoint that saved it must not see them as changes.
-        return buffer[:, :end].data
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        return grad[:, : ctx.split], grad[:, ctx.split :], None
+    @torch.jit.unused
+    def _checkpointed_first_conv(self, x: Tensor) -> Tensor:
+        """_first_conv, recomputed in backward (memory-efficient section below)."""
+        return _checkpoint_first_conv(self, x)
 
 
 class _DenseBlock(nn.ModuleDict):
@@ -168,27 +113,20 @@ class _DenseBlock(nn.ModuleDict):
         self.memory_efficient = memory_efficient
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _recomputes(self):
-            # Growing the input by one concatenation a layer, rather than concatenating
-            # all earlier outputs in every layer, lets autograd sum each layer's input
-            # gradient once, as one tensor, instead of once per earlier output as thin
-            # channel slices: bf16 channels_last training on CPU got ~1.4x faster (README).
-            for layer in self.values():
-                x = torch.cat([x, layer(x)], 1)
-            return x
-        # memory_efficient: every layer's input is a prefix of one buffer that will hold
-        # the block's output, so the inputs the checkpoints keep cost no memory.
-        n, _, h, w = x.shape
-        buffer = torch.empty(
-            (n, self.out_channels, h, w),
-            dtype=x.dtype,
-            device=x.device,
-            memory_format=_layout(x),
-        )
-        x = _Append.apply(buffer[:, :0], x, buffer)
+        if _recomputes(self.memory_efficient, self.training):
+            return self._forward_shared_buffer(x)
+        # Growing the input by one concatenation a layer, rather than concatenating
+        # all earlier outputs in every layer, lets autograd sum each layer's input
+        # gradient once, as one tensor, instead of once per earlier output as thin
+        # channel slices: bf16 channels_last training on CPU got ~1.4x faster (README).
         for layer in self.values():
-            x = _Append.apply(x, layer(x), buffer)
+            x = torch.cat([x, layer(x)], 1)
         return x
+
+    @torch.jit.unused
+    def _forward_shared_buffer(self, x: Tensor) -> Tensor:
+        """memory_efficient's forward: every layer reads a prefix of one buffer (below)."""
+        return _shared_buffer_forward(self, x)
 
 
 class _Transition(nn.Module):
@@ -210,7 +148,21 @@ class _Transition(nn.Module):
 
 
 class DenseNet(nn.Module):
-    """DenseNet for CIFAR-style (3x3 stem) or ImageNet-style (7x7/2 stem) inputs."""
+    """DenseNet for CIFAR-style (3x3 stem) or ImageNet-style (7x7/2 stem) inputs.
+
+    Args:
+        growth_rate: k, the feature maps each dense layer adds.
+        block_config: layers per dense block, e.g. (16, 16, 16) or (6, 12, 24, 16).
+        num_init_features: stem channels; None: 2k for DenseNet-BC, else 16 (paper).
+        bottleneck: BN-ReLU-Conv1x1(4k) before each 3x3 conv (the "B" of DenseNet-BC).
+        compression: theta, the fraction of feature maps a transition keeps ("C": < 1).
+        drop_rate: dropout after every conv but the stem's (0 disables it).
+        num_classes: outputs of the final Linear layer.
+        in_channels: channels of the input images (3 for RGB, 1 for MNIST).
+        stem: "cifar" (3x3 conv) or "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool).
+        memory_efficient: recompute each layer's BN-ReLU-Conv1x1 in backward, so the
+            activations kept for backward grow linearly with depth, not quadratically.
+    """
 
     def __init__(
         self,
@@ -376,17 +328,13 @@ def load_file(path: str | PathLike) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(
-            f"cannot read {path}: truncated or corrupt ({reason})"
-        ) from None
+        raise ValueError(f"cannot read {path}: truncated or corrupt ({reason})") from None
 
 
 def load_torchvision_checkpoint(model: DenseNet, path: str | PathLike) -> None:
     """Load a torchvision DenseNet state_dict file (legacy keys included) into model, strictly."""
     state = load_file(path)
-    if not isinstance(state, dict) or not all(
-        isinstance(v, Tensor) for v in state.values()
-    ):
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state_dict (a dict of tensors)")
     state = {_LEGACY_KEY.sub(r"\1\2.", k): v for k, v in state.items()}
     try:
@@ -394,3 +342,106 @@ def load_torchvision_checkpoint(model: DenseNet, path: str | PathLike) -> None:
     except RuntimeError as e:
         detail = " ".join(str(e).split()[1:])[:300]  # drop "Error(s)", keep one line
         raise ValueError(f"{path} does not fit this DenseNet: {detail}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Memory-efficient path (memory_efficient=True, training with gradients)
+#
+# Each block allocates one buffer for its output. The block input and every layer's new
+# feature maps are copied into it once; each layer's input is a prefix view, so the
+# inputs the checkpoints keep for backward cost no memory of their own:
+#
+#     buffer   [ x0 | f1 | f2 | f3 ]   = the block's output
+#     layer1    <x0>                    reads buffer[:, :c0]      writes f1
+#     layer2    <-x0-f1->               reads buffer[:, :c0+k]    writes f2
+#     layer3    <--x0-f1-f2-->          reads buffer[:, :c0+2k]   writes f3
+#
+# Each layer's BN, ReLU and first conv (outputs that grow with depth) are recomputed in
+# backward; only the bottleneck's fixed-size tensors are stored.
+# TorchScript cannot script checkpointing, so a scripted model takes the plain path:
+# the same outputs and gradients, without the memory saving.
+# ---------------------------------------------------------------------------------------
+
+
+def _recomputes(memory_efficient: bool, training: bool) -> bool:
+    """Whether a memory-efficient module recomputes its growing part in backward."""
+    return (
+        memory_efficient and training and torch.is_grad_enabled() and not torch.jit.is_scripting()
+    )
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x in one dense block of memory, in its own layout: a prefix view of the shared buffer
+    is strided, and BN's fast kernels need a dense tensor (a no-op on the plain path)."""
+    if x.stride(1) == 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
+
+
+class _ScratchRunningStats:
+    """Let a recomputation update throwaway copies of BN's running statistics, so the
+    batch is counted once (torchvision and efficient_densenet_pytorch count it twice).
+    A class, not @contextmanager: each backward through the graph enters it again."""
+
+    def __init__(self, norm: nn.BatchNorm2d):
+        self.norm = norm
+
+    def __enter__(self):
+        self.real = dict(self.norm.named_buffers(recurse=False))
+        for name, buf in self.real.items():
+            setattr(self.norm, name, buf.clone())
+
+    def __exit__(self, *exc):
+        for name, buf in self.real.items():
+            setattr(self.norm, name, buf)
+
+
+def _checkpoint_first_conv(layer: _DenseLayer, x: Tensor) -> Tensor:
+    """layer._first_conv(x), keeping only its (linear-size) output for backward."""
+    # Under torch.compile the running-stat update is a traced buffer mutation that happens
+    # once, so only eager mode needs the scratch-stats recomputation context.
+    kwargs = {}
+    if not torch.compiler.is_compiling():
+        kwargs["context_fn"] = lambda: (nullcontext(), _ScratchRunningStats(layer.norm1))
+    return checkpoint(
+        layer._first_conv,
+        x,
+        use_reentrant=False,
+        preserve_rng_state=False,  # nothing random inside: dropout comes after
+        **kwargs,
+    )
+
+
+class _Append(torch.autograd.Function):
+    """Copy new feature maps into the block's buffer right after x (a prefix of it) and
+    return the longer prefix; backward splits the gradient. Saves nothing for backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, new: Tensor, buffer: Tensor) -> Tensor:
+        ctx.split = x.shape[1]
+        end = ctx.split + new.shape[1]
+        buffer[:, ctx.split : end].copy_(new)
+        # .data: a view returned by a custom Function may not see its base written in
+        # place afterwards (autograd: "Output 0 of _Append is a view and its base ... has
+        # been modified inplace"), and the next _Append writes into buffer. .data is the
+        # same memory with no view link to buffer and a version counter of its own.
+        return buffer[:, :end].data
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        return grad[:, : ctx.split], grad[:, ctx.split :], None
+
+
+def _shared_buffer_forward(block: _DenseBlock, x: Tensor) -> Tensor:
+    """The block's forward with every layer's input a prefix view of one buffer."""
+    n, _, h, w = x.shape
+    buffer = torch.empty(
+        (n, block.out_channels, h, w),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format,
+    )
+    x = _Append.apply(buffer[:, :0], x, buffer)
+    for layer in block.values():
+        x = _Append.apply(x, layer(x), buffer)
+    return x

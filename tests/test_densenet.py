@@ -137,7 +137,7 @@ def test_gradcheck_float64(bottleneck, memory_efficient):
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
 
     def f(x, *ps):
-        return torch.func.functional_call(model, dict(zip(names, ps)), (x,))
+        return torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (x,))
 
     assert torch.autograd.gradcheck(
         f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True
@@ -165,9 +165,9 @@ def test_memory_efficient_equals_plain(bottleneck, drop_rate):
         a = _train_step(plain, x, y, step)
         b = _train_step(efficient, x, y, step)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for (name, p), q in zip(plain.named_parameters(), efficient.parameters()):
+    for (name, p), q in zip(plain.named_parameters(), efficient.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-    for (name, s), t in zip(plain.named_buffers(), efficient.buffers()):
+    for (name, s), t in zip(plain.named_buffers(), efficient.buffers(), strict=True):
         # running_mean, running_var and num_batches_tracked counted once per step
         torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12, msg=name)
     assert plain.features.norm5.num_batches_tracked.item() == 2
@@ -197,8 +197,12 @@ def test_memory_efficient_under_compile_equals_plain():
     a = _train_step(plain, x, y, 0)
     b = _train_step(efficient, x, y, 0)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for (name, p), q in zip(plain.named_parameters(), efficient.parameters()):
+    for (name, p), q in zip(plain.named_parameters(), efficient.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, s), t in zip(plain.named_buffers(), efficient.buffers(), strict=True):
+        # the compiled recomputation must not count the batch twice either
+        torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12, msg=name)
+    assert efficient.features.denseblock1.denselayer2.norm1.num_batches_tracked.item() == 1
 
 
 def _count_norm1_calls(model: D.DenseNet) -> list[int]:
