@@ -2,21 +2,16 @@
 
 The small datasets are held on the device as uint8 tensors, then shuffled, cropped,
 flipped and normalised there in batch (no per-image Python), like KellerJordan/airbench.
-torchvision.datasets fetches and parses the files and checks the MD5 of every download;
-any failure to get them becomes one DataError line.
+datafiles.py gets their files (torchvision downloads, verifies and parses them); any
+failure to get them becomes one DataError line.
 """
 
-import gzip
 import math
 import os
-import shutil
-import socket
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
-from tarfile import TarError
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.utils import check_integrity
 
+import datafiles
+from datafiles import DataError
 
-class DataError(Exception):
-    """A user-facing problem with the data: one line, printed without traceback."""
+# The label of the padding that fills the last evaluation batch to full size: callers skip
+# it (it is cross_entropy's default ignore_index; error counts must skip it too).
+IGNORE_LABEL = -100
 
 
 @dataclass(frozen=True)
@@ -42,6 +39,8 @@ class DatasetInfo:
     crop_pad: int  # padding of the random-crop augmentation
     flip: bool  # whether random horizontal flips are allowed (not for digits)
     url: str  # official homepage, for error messages
+    # True: normalise by the training images' per-channel mean and std; False: pixels/255.
+    standardize: bool = True
 
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -51,10 +50,11 @@ FASHION_URL = "https://github.com/zalandoresearch/fashion-mnist"
 IMAGENET_URL = "https://image-net.org/"
 
 # ImageNet is not here: imagenet() counts its classes and returns its own DatasetInfo.
+# SVHN is not standardised: the paper (Sec. 4.2) divides its pixels by 255 and nothing more.
 DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo("cifar10", 10, 3, 32, 4, True, CIFAR_URL),
     "cifar100": DatasetInfo("cifar100", 100, 3, 32, 4, True, CIFAR_URL),
-    "svhn": DatasetInfo("svhn", 10, 3, 32, 4, False, SVHN_URL),
+    "svhn": DatasetInfo("svhn", 10, 3, 32, 4, False, SVHN_URL, standardize=False),
     "mnist": DatasetInfo("mnist", 10, 1, 28, 2, False, MNIST_URL),
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, 2, True, FASHION_URL),
 }
@@ -72,18 +72,6 @@ _SOURCES: dict[str, tuple[str, type]] = {
 SVHN_VAL_PER_CLASS = (400, 200)
 SVHN_SPLITS = ("train", "extra", "test")
 
-# Debian's dataset-fashion-mnist (the env var FASHION_MNIST_DIR overrides it). Debian
-# recompressed the .gz files (new gzip headers), so torchvision's .gz MD5s cannot match:
-# we check the decompressed files against the MD5s of the official uncompressed ones.
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_RAW_MD5 = {
-    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-}
-DOWNLOAD_TIMEOUT_S = 60  # a stalled connection then fails instead of hanging forever
-
 
 @dataclass
 class Split:
@@ -95,6 +83,9 @@ class Split:
     def to(self, device: torch.device | str) -> "Split":
         return Split(self.images.to(device), self.labels.to(device))
 
+    def __getitem__(self, index: torch.Tensor | slice) -> "Split":
+        return Split(self.images[index], self.labels[index])
+
 
 def load(
     name: str,
@@ -103,100 +94,98 @@ def load(
     train_subset: int | None = None,
     download: bool = True,
     *,
+    val_split: int = 0,
+    seed: int = 0,
     svhn_val_per_class: tuple[int, int] = SVHN_VAL_PER_CLASS,
 ) -> dict[str, Split]:
-    """Splits "train", "test" (and "val" for SVHN) of a DATASETS entry, on `device`.
+    """Splits "train", "val" (SVHN's own, or val_split > 0) and "test" of a DATASETS entry.
 
-    train_subset keeps the first N training images; svhn_val_per_class: validation
-    images per class from SVHN's (train, extra).
+    val_split holds out that many training images, class-balanced and seeded by `seed`;
+    train_subset then keeps the first N of the rest; svhn_val_per_class: validation images
+    per class from SVHN's (train, extra). Nothing is left behind when it fails.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if val_split < 0 or (val_split and name == "svhn"):
+        why = "SVHN keeps its own 6,000-image split" if val_split > 0 else "it is negative"
+        raise DataError(f"cannot hold out a validation split of {val_split} images: {why}")
     root = Path(root)
-    if name == "fashion-mnist":
-        _install_system_fashion_mnist(root)
-    if name == "svhn":
-        parts = (_fetch(name, root, download, split=s) for s in SVHN_SPLITS)
-        splits = _svhn_splits(*map(_split, parts), per_class=svhn_val_per_class)
-    else:
-        train, test = (_fetch(name, root, download, train=t) for t in (True, False))
-        splits = {"train": _split(train), "test": _split(test)}
+    datafiles.check_folder(root)
+    with datafiles.tidy(_SOURCES[name][1], root):
+        splits = _read(name, root, download, svhn_val_per_class)
+    if val_split:
+        splits = _with_validation(splits, val_split, seed, name)
     if train_subset is not None:
         if train_subset < 1:
             raise DataError(f"train_subset must be at least 1, not {train_subset}")
-        s = splits["train"]
-        splits["train"] = Split(s.images[:train_subset], s.labels[:train_subset])
+        splits["train"] = splits["train"][:train_subset]
     return {key: split.to(device) for key, split in splits.items()}
 
 
-@contextmanager
-def _download_timeout() -> Iterator[None]:
-    """torchvision's urllib calls have no timeout: new sockets get one meanwhile."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-# OSError covers URLError and timeouts; torchvision raises RuntimeError for MD5 errors,
-# missing files and failed mirrors; the others come from truncated or unreadable files.
-_FETCH_ERRORS = (OSError, RuntimeError, ValueError, EOFError, HTTPException, TarError)
-
-
-def _fetch(name: str, root: Path, download: bool, **split: object) -> Dataset:
-    """The torchvision dataset (downloaded if allowed); failures become a DataError."""
+def _read(
+    name: str, root: Path, download: bool, svhn_val_per_class: tuple[int, int]
+) -> dict[str, Split]:
+    """The dataset's splits as read from disk (downloaded if allowed), on the CPU."""
     title, cls = _SOURCES[name]
-    url = DATASETS[name].url
-    try:
-        with _download_timeout():
-            return cls(root, download=download, **split)
-    except _FETCH_ERRORS as e:
-        files = _expected_files(cls, root)
-        bad = [str(p) for p, m in files if p.is_file() and not check_integrity(p, m)]
-        if bad:
-            raise DataError(
-                f"{title} in {root} is corrupted ({', '.join(bad)} fails its MD5 "
-                f"check): delete it and download {title} again from {url}"
-            ) from e
-        missing = [str(p.relative_to(root)) for p, _ in files if not p.is_file()]
-        missing = ", ".join(missing) or "files"
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = lines[-1][:200] if lines else type(e).__name__  # the most specific
-        if reason.startswith("File not found or corrupted"):
-            reason = "the downloaded file failed its MD5 check"
-        why = f"the download failed ({reason})" if download else "downloading is off"
+
+    def fetch(**split: object) -> Split:
+        dataset = datafiles.fetch(cls, title, DATASETS[name].url, root, download, **split)
+        return Split(*datafiles.arrays(dataset))
+
+    if name == "fashion-mnist":
+        datafiles.install_system_fashion_mnist(root)
+    if name == "svhn":
+        parts = [fetch(split=s) for s in SVHN_SPLITS]
+        return _svhn_splits(*parts, per_class=svhn_val_per_class)
+    return {"train": fetch(train=True), "test": fetch(train=False)}
+
+
+def _with_validation(
+    splits: dict[str, Split], count: int, seed: int, name: str
+) -> dict[str, Split]:
+    """The splits with `count` training images moved into a new "val" split (_hold_out)."""
+    train = splits["train"]
+    if count >= len(train.labels):
         raise DataError(
-            f"{title} not found in {root} (missing {missing}) and {why}. "
-            f"Download it from {url} and put it in {root}"
-        ) from e
+            f"a validation split of {count} images leaves none of {_SOURCES[name][0]}'s "
+            f"{len(train.labels)} training images to train on"
+        )
+    held = _hold_out(train.labels, count, seed, DATASETS[name].num_classes)
+    return {"train": train[~held], "val": train[held], "test": splits["test"]}
 
 
-def _expected_files(cls: type, root: Path) -> list[tuple[Path, str | None]]:
-    """The files a torchvision dataset class reads, with their MD5 where it has one."""
-    if issubclass(cls, datasets.CIFAR10):
-        meta = [cls.meta["filename"], cls.meta["md5"]]
-        files = [*cls.train_list, *cls.test_list, meta]
-        return [(root / cls.base_folder / file, md5) for file, md5 in files]
-    if issubclass(cls, datasets.SVHN):
-        return [(root / file, md5) for _, file, md5 in cls.split_list.values()]
-    raw = root / cls.__name__ / "raw"  # MNIST-like: decompressed files, no MD5 check
-    return [(raw / file.removesuffix(".gz"), None) for file, _ in cls.resources]
+def _hold_out(labels: torch.Tensor, count: int, seed: int, num_classes: int) -> torch.Tensor:
+    """Mask of `count` images to hold out: class-balanced, drawn by a CPU generator seeded
+    with `seed` alone, so every rank, world size and resume holds out the same images."""
+    labels = labels.cpu()
+    quota = _class_quotas(labels.bincount(minlength=num_classes), count)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in quota.nonzero().squeeze(1).tolist():
+        held[order[labels[order] == c][: quota[c]]] = True
+    return held
 
 
-def _split(ds: Dataset) -> Split:
-    """A torchvision dataset's arrays as uint8 N×C×H×W images and int64 labels."""
-    if isinstance(ds, datasets.CIFAR10):  # N×H×W×C numpy, list of labels
-        images, labels = torch.from_numpy(ds.data).permute(0, 3, 1, 2), ds.targets
-    elif isinstance(ds, datasets.SVHN):  # N×C×H×W numpy, labels 0-9 ('10' became 0)
-        images, labels = torch.from_numpy(ds.data), torch.from_numpy(ds.labels)
-    else:  # MNIST-like: N×H×W tensor
-        images, labels = ds.data.unsqueeze(1), ds.targets
-    return Split(images.contiguous(), torch.as_tensor(labels, dtype=torch.int64))
+def _class_quotas(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """Images per class summing to total (at most counts.sum()), as equal as counts allow.
+
+    A class too small for an equal share gives all it has and the others share the rest
+    (water-filling); a remainder goes one each to the lowest-numbered classes with images.
+    """
+    quota = torch.zeros_like(counts)
+    while (left := total - int(quota.sum())) > 0:
+        open_classes = (quota < counts).nonzero().squeeze(1)
+        share, extra = divmod(left, len(open_classes))
+        if share == 0:
+            quota[open_classes[:extra]] += 1
+        else:
+            quota[open_classes] = torch.minimum(quota[open_classes] + share, counts[open_classes])
+    return quota
 
 
-def _svhn_splits(train: Split, extra: Split, test: Split, per_class: tuple[int, int]):
+def _svhn_splits(
+    train: Split, extra: Split, test: Split, per_class: tuple[int, int]
+) -> dict[str, Split]:
     """Validation: the first per_class images of each class; training: the rest."""
     val_train = _first_per_class(train.labels, per_class[0], "train")
     val_extra = _first_per_class(extra.labels, per_class[1], "extra")
@@ -225,54 +214,54 @@ def _first_per_class(labels: torch.Tensor, count: int, source: str) -> torch.Ten
     return mask
 
 
-def _install_system_fashion_mnist(root: Path) -> None:
-    """Decompress a system copy of Fashion-MNIST into torchvision's raw folder."""
-    raw = root / "FashionMNIST" / "raw"
-    source = Path(os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-    wanted = [name for name in FASHION_MNIST_RAW_MD5 if not (raw / name).is_file()]
-    if not wanted or not all((source / f"{n}.gz").is_file() for n in wanted):
-        return
-    raw.mkdir(parents=True, exist_ok=True)
-    for name in wanted:
-        gz, part = source / f"{name}.gz", raw / f"{name}.part"  # .part until verified
-        try:
-            with gzip.open(gz) as src, part.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-        except (OSError, EOFError) as e:
-            part.unlink(missing_ok=True)
-            raise DataError(f"cannot decompress {gz} ({e})") from e
-        if not check_integrity(part, FASHION_MNIST_RAW_MD5[name]):
-            part.unlink()
-            raise DataError(f"{gz} is not the official file (MD5 mismatch)")
-        part.replace(raw / name)
+def normalisation(
+    info: DatasetInfo, train: Split
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(mean, std) for Batches: the training images' per-channel statistics, or (None, None)
+    where the dataset is not standardised (SVHN: pixels / 255, as the paper)."""
+    if not info.standardize:
+        return None, None
+    return channel_stats(train.images)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (population) std of uint8 N×C×H×W images, in [0,1] units.
 
-    Accumulated in float64 over chunks; returned as float64 on the CPU.
+    Accumulated in float64 on the CPU over chunks (MPS has no float64); returned there.
     """
-    total = torch.zeros(images.shape[1], dtype=torch.float64, device=images.device)
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
     squares = torch.zeros_like(total)
     for chunk in images.split(4096):
-        x = chunk.double()
+        x = chunk.cpu().double()
         total += x.sum(dim=(0, 2, 3))
         squares += x.square().sum(dim=(0, 2, 3))
     count = images.numel() // images.shape[1]
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(0).sqrt()
-    return (mean / 255).cpu(), (std / 255).cpu()
+    return mean / 255, std / 255
 
 
-class Batches:
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the trainer reads batches from (Batches, Loader): len(self) batches an epoch,
+    whose random draws come from `generator` (save its state to resume an epoch)."""
+
+    generator: torch.Generator
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class Batches(BatchSource):
     """Batches of one split held on its device as uint8, augmented there in batch.
 
     batch_size is global: rank r of world_size gets slice r of every global batch.
     Training draws, per epoch and from `generator` on the CPU, one permutation and every
     sample's crop offsets and flip, so the stream is identical on any device and world
     size. Evaluation is sequential with constant batch shape: the last batch is padded
-    with zero images labelled -100, which callers must ignore (cross_entropy with
-    ignore_index=-100, reduction="sum"; and in error counts).
+    with zero images labelled IGNORE_LABEL, which callers must ignore (cross_entropy with
+    ignore_index=IGNORE_LABEL, reduction="sum"; and in error counts).
     """
 
     def __init__(
@@ -358,7 +347,7 @@ class Batches:
             yield self._layout(x), self.labels[index]
 
     def _eval_batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Sequential batches; the last ones padded to full size with label -100."""
+        """Sequential batches; the last ones padded to full size with IGNORE_LABEL."""
         n = len(self.labels)
         for k in range(start, len(self)):
             lo = min(n, k * self.batch_size + self.rank * self.local)
@@ -367,7 +356,7 @@ class Batches:
             if hi - lo < self.local:
                 missing = self.local - (hi - lo)
                 x = torch.cat([x, x.new_zeros((missing, *x.shape[1:]))])
-                y = torch.cat([y, y.new_full((missing,), -100)])
+                y = torch.cat([y, y.new_full((missing,), IGNORE_LABEL)])
             yield self._layout(self._normalise(x)), y
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -434,7 +423,7 @@ class _Seeded(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = item
         if index < 0:
-            return torch.zeros(self.shape), -100
+            return torch.zeros(self.shape), IGNORE_LABEL
         path, label = self.folder.samples[index]
         image = self.folder.loader(path)
         with torch.random.fork_rng(devices=[]):  # keep the caller's RNG (workers=0)
@@ -442,11 +431,11 @@ class _Seeded(Dataset):
             return self.transform(image), label
 
 
-class Loader:
+class Loader(BatchSource):
     """DataLoader workers behind the interface of Batches (generator, len, epoch).
 
     Per epoch, `generator` draws a permutation and a seed per sample, sharded by rank
-    like Batches; evaluation is sequential, padded with label -100 like Batches.
+    like Batches; evaluation is sequential, padded with IGNORE_LABEL like Batches.
     """
 
     def __init__(
@@ -493,7 +482,7 @@ class Loader:
             seeds = torch.zeros(total, dtype=torch.int64)
         shape = (len(self), self.world_size, self.batch_size // self.world_size)
         mine = [t.view(shape)[start:, self.rank].tolist() for t in (order, seeds)]
-        self.plan[:] = [list(zip(i, s)) for i, s in zip(*mine)]
+        self.plan[:] = [list(zip(i, s, strict=True)) for i, s in zip(*mine, strict=True)]
         return self._batches()
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -502,6 +491,23 @@ class Loader:
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)
+
+
+def imagenet_transforms(ten_crop: bool = False) -> tuple[T.Compose, T.Compose]:
+    """(training, validation) transforms of fb.resnet.torch's datasets/imagenet.lua.
+
+    Resizing is bicubic, as there: datasets/transforms.lua's Scale defaults to 'bicubic' and
+    RandomSizedCrop resizes its crop with image.scale(out, size, size, 'bicubic').
+    """
+    bicubic = T.InterpolationMode.BICUBIC
+    normalise = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
+    crop = T.RandomResizedCrop(224, interpolation=bicubic)
+    augment = [crop, T.RandomHorizontalFlip(), jitter, T.ToTensor(), Lighting(), normalise]
+    resize = T.Resize(256, interpolation=bicubic)
+    if ten_crop:
+        return T.Compose(augment), T.Compose([resize, T.TenCrop(224), _StackCrops()])
+    return T.Compose(augment), T.Compose([resize, T.CenterCrop(224), T.ToTensor(), normalise])
 
 
 def imagenet(
@@ -522,6 +528,7 @@ def imagenet(
     B×10×3×224×224 (average the softmax over the crops; channels_last is not applied).
     """
     root = Path(root)
+    datafiles.check_folder(root)
     layout = f"expected {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG"
     try:
         train_folder = ImageFolder(root / "train")
@@ -530,15 +537,7 @@ def imagenet(
         raise DataError(f"ImageNet not found: {layout} ({e}); {IMAGENET_URL}") from e
     if train_folder.classes != val_folder.classes:
         raise DataError(f"ImageNet's train/ and val/ differ in classes; {layout}")
-    normalise = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
-    augment = [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), jitter, T.ToTensor()]
-    train_transform = T.Compose([*augment, Lighting(), normalise])
-    if ten_crop:
-        val_transform = T.Compose([T.Resize(256), T.TenCrop(224), _StackCrops()])
-    else:
-        center = [T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalise]
-        val_transform = T.Compose(center)
+    train_transform, val_transform = imagenet_transforms(ten_crop)
     val_shape = (10, 3, 224, 224) if ten_crop else (3, 224, 224)
     kw = {"workers": workers, "seed": seed, "rank": rank, "world_size": world_size}
     kw |= {"device": device, "channels_last": channels_last}

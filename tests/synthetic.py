@@ -11,12 +11,14 @@ import hashlib
 import pickle
 import struct
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
+import torch
 from PIL import Image
 from torchvision import datasets
 
@@ -49,13 +51,19 @@ def make_cifar(
     num_classes: int = 10,
     seed: int = 0,
     same_image: bool = False,
+    train_labels: Sequence[int] | None = None,
 ) -> Synthetic:
     """CIFAR-10 (cifar-10-batches-py/) or CIFAR-100 (cifar-100-python/) pickles in root.
 
     same_image=True repeats one random image with random labels: every batch then has the
-    same BatchNorm statistics, whatever its size."""
+    same BatchNorm statistics, whatever its size. train_labels replaces the random training
+    labels (n_train is then their number)."""
     rng = np.random.default_rng(seed)
+    if train_labels is not None:
+        n_train = len(train_labels)
     train = _random_split(rng, n_train, (3, 32, 32), num_classes)
+    if train_labels is not None:
+        train = train[0], np.asarray(train_labels, dtype=np.int64)
     test = _random_split(rng, n_test, (3, 32, 32), num_classes)
     if same_image:
         for images, _ in (train, test):
@@ -116,9 +124,7 @@ def make_svhn(root: Path, per_class: dict[str, int] | None = None) -> Synthetic:
     return out
 
 
-def write_idx(
-    folder: Path, n_train: int, n_test: int, *, gz: bool, raw: bool
-) -> Synthetic:
+def write_idx(folder: Path, n_train: int, n_test: int, *, gz: bool, raw: bool) -> Synthetic:
     """The four MNIST-format IDX files (big-endian header, uint8 data) in folder."""
     rng = np.random.default_rng(0)
     out = Synthetic({})
@@ -130,8 +136,7 @@ def write_idx(
         label_header = struct.pack(">II", 0x801, n)  # ubyte, 1 dimension
         blobs = {
             f"{prefix}-images-idx3-ubyte": image_header + images.tobytes(),
-            f"{prefix}-labels-idx1-ubyte": label_header
-            + labels.astype(np.uint8).tobytes(),
+            f"{prefix}-labels-idx1-ubyte": label_header + labels.astype(np.uint8).tobytes(),
         }
         for name, blob in blobs.items():
             out.md5[name] = hashlib.md5(blob).hexdigest()
@@ -175,25 +180,28 @@ def make_imagenet_folder(
     return names
 
 
-def register_md5(
-    monkeypatch: pytest.MonkeyPatch, cls: type, md5: dict[str, str]
-) -> None:
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def assert_split(split, images: np.ndarray, labels: np.ndarray) -> None:
+    """A data.Split holds exactly these images and labels, as uint8 and int64."""
+    assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
+    assert torch.equal(split.images, as_tensor(images))
+    assert torch.equal(split.labels, as_tensor(labels))
+
+
+def register_md5(monkeypatch: pytest.MonkeyPatch, cls: type, md5: dict[str, str]) -> None:
     """Make torchvision class `cls` expect these MD5s for the files named in md5."""
     if issubclass(cls, datasets.CIFAR10):
         for attr in ("train_list", "test_list"):
             files = [[f, md5.get(f, m)] for f, m in getattr(cls, attr)]
             monkeypatch.setattr(cls, attr, files)
         meta = cls.meta["filename"]
-        monkeypatch.setattr(
-            cls, "meta", {**cls.meta, "md5": md5.get(meta, cls.meta["md5"])}
-        )
+        monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5.get(meta, cls.meta["md5"])})
         monkeypatch.setattr(cls, "tgz_md5", md5.get(cls.filename, cls.tgz_md5))
     elif issubclass(cls, datasets.SVHN):
-        splits = {
-            k: [url, f, md5.get(f, m)] for k, (url, f, m) in cls.split_list.items()
-        }
+        splits = {k: [url, f, md5.get(f, m)] for k, (url, f, m) in cls.split_list.items()}
         monkeypatch.setattr(cls, "split_list", splits)
     else:
-        monkeypatch.setattr(
-            cls, "resources", [(f, md5.get(f, m)) for f, m in cls.resources]
-        )
+        monkeypatch.setattr(cls, "resources", [(f, md5.get(f, m)) for f, m in cls.resources])
