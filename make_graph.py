@@ -8,6 +8,8 @@ Writes graph.dot, and renders graph.svg (or --format) when Graphviz `dot` is ins
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,9 +60,7 @@ def autograd_dot(loss: torch.Tensor, model: nn.Module) -> str:
         for child, _ in fn.next_functions:
             if child is None:
                 continue
-            edges.append(
-                f"  {node_id(child)} -> {node_id(fn)};"
-            )  # data flows child -> fn
+            edges.append(f"  {node_id(child)} -> {node_id(fn)};")  # data flows child -> fn
             if id(child) not in seen:
                 seen.add(id(child))
                 stack.append(child)
@@ -71,15 +71,18 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     """Parse an input shape like '3x32x32' into (channels, height, width)."""
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(
-            f"expected CxHxW such as 3x32x32, got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"expected CxHxW such as 3x32x32, got {text!r}")
     c, h, w = map(int, parts)
     return c, h, w
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the process exit code."""
+def shell_line(command: list[str]) -> str:
+    """A command quoted for this platform's shell (cmd.exe on Windows, else POSIX sh)."""
+    return subprocess.list2cmdline(command) if os.name == "nt" else shlex.join(command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the DenseNet's shape, the input shape, and the output."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=40, help="network depth L")
     parser.add_argument("--growth", type=int, default=12, help="growth rate k")
@@ -95,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         help="transition compression theta (default: 0.5, or 1.0 with --no-bottleneck "
         "as in the original DenseNet)",
     )
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument(
+        "--num-classes", type=int, default=10, help="classifier outputs (default 10)"
+    )
     parser.add_argument(
         "--input-shape",
         type=parse_shape,
@@ -113,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         default="svg",
         help="format Graphviz renders to (svg, pdf, png; default svg)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     bottleneck = not args.no_bottleneck
@@ -137,15 +148,20 @@ def main(argv: list[str] | None = None) -> int:
 
     stem = args.out.with_suffix("") if args.out.suffix == ".dot" else args.out
     dot_path = stem.with_name(stem.name + ".dot")
-    dot_path.parent.mkdir(parents=True, exist_ok=True)
-    dot_path.write_text(autograd_dot(loss, model))
+    try:
+        dot_path.parent.mkdir(parents=True, exist_ok=True)
+        dot_path.write_text(autograd_dot(loss, model))
+    except OSError as e:  # e.g. --out inside a file, or in a read-only folder
+        print(f"make_graph.py: error: cannot write {dot_path} ({e.strerror or e})", file=sys.stderr)
+        return 1
     print(f"wrote {dot_path}")
 
     out_path = stem.with_name(f"{stem.name}.{args.format}")
-    command = ["dot", f"-T{args.format}", str(dot_path), "-o", str(out_path)]
-    if shutil.which("dot") is None:
+    dot = shutil.which("dot")
+    command = [dot or "dot", f"-T{args.format}", str(dot_path), "-o", str(out_path)]
+    if dot is None:
         print(
-            f"Graphviz 'dot' not found; render with: {' '.join(command)}\n"
+            f"Graphviz 'dot' not found; render with: {shell_line(command)}\n"
             "(install Graphviz: apt-get install graphviz, brew install graphviz, "
             "or conda install graphviz)"
         )

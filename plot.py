@@ -3,6 +3,8 @@
 
 Usage: plot.py RUN_DIR [RUN_DIR ...] [--out DIR] [--pdf]
 Writes loss.png and error.png (plus .pdf with --pdf). Safe on runs still in progress.
+The error plot marks each run's reported result: the final epoch's test error, or with a
+validation split the test error at the epoch of lowest validation error.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from matplotlib.axes import Axes
@@ -65,6 +68,47 @@ def run_label(run_dir: Path) -> str:
     return f"{name} ({extra})" if extra else name
 
 
+class Reported(NamedTuple):
+    """The run's reported result: the test error (%) of one epoch, and how it was chosen."""
+
+    epoch: int
+    test_err: float
+    label: str
+
+
+def reported_point(df: pd.DataFrame) -> Reported | None:
+    """The final epoch's test error; with a val_err column, the test error at the epoch of
+    lowest validation error (the first such epoch), as the trainer reports. None if no row
+    has both."""
+    if "test_err" not in df.columns:
+        return None
+    if "val_err" in df.columns and df["val_err"].notna().any():
+        row = df.loc[df["val_err"].idxmin()]
+        label = "best val epoch {}: test {:.2f} %"
+    else:
+        rows = df[df["test_err"].notna()]
+        if rows.empty:
+            return None
+        row, label = rows.iloc[-1], "final epoch {}: {:.2f} %"
+    if pd.isna(row["test_err"]):
+        return None
+    epoch, error = int(row["epoch"]), float(row["test_err"])
+    return Reported(epoch, error, label.format(epoch, error))
+
+
+def mark_reported(ax: Axes, runs: list[tuple[str, pd.DataFrame]]) -> list[Line2D]:
+    """Mark each run's reported point on ax, in the run's colour; return the markers."""
+    markers = []
+    for i, (_, df) in enumerate(runs):
+        point = reported_point(df)
+        if point is not None:
+            style = {"marker": "*", "markersize": 13, "markeredgecolor": "k", "zorder": 3}
+            (marker,) = ax.plot([point.epoch], [point.test_err], color=f"C{i % 10}",
+                                linestyle="none", label=point.label, **style)  # fmt: skip
+            markers.append(marker)
+    return markers
+
+
 def plot_metric(
     ax: Axes, runs: list[tuple[str, pd.DataFrame]], metric: str, log_rule: bool
 ) -> None:
@@ -97,16 +141,19 @@ def plot_metric(
     ax.grid(True, which="both", alpha=0.3)
 
 
-def add_legend(ax: Axes, runs: list[tuple[str, pd.DataFrame]], metric: str) -> None:
-    """Legend with one colour entry per run and one line-style entry per split present."""
+def add_legend(
+    ax: Axes, runs: list[tuple[str, pd.DataFrame]], metric: str, marked: Sequence[Line2D] = ()
+) -> None:
+    """Legend: one colour entry per run, one line-style entry per split present, then the
+    marked points with their labels."""
     handles = [Line2D([], [], color=f"C{i % 10}") for i in range(len(runs))]
     labels = [label for label, _ in runs]
     for split, style in SPLITS.items():
         if any(f"{split}_{metric}" in df.columns for _, df in runs):
-            handles.append(
-                Line2D([], [], linestyle=style, color="k", alpha=SPLIT_ALPHA[split])
-            )
+            handles.append(Line2D([], [], linestyle=style, color="k", alpha=SPLIT_ALPHA[split]))
             labels.append(split)
+    handles += marked
+    labels += [marker.get_label() for marker in marked]
     ax.legend(handles, labels, fontsize="small")
 
 
@@ -123,9 +170,7 @@ def save_atomic(fig: Figure, path: Path) -> None:
         raise
 
 
-def plot_runs(
-    run_dirs: Sequence[Path | str], out_dir: Path | str, pdf: bool = False
-) -> list[Path]:
+def plot_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, pdf: bool = False) -> list[Path]:
     """Write loss and error plots for the runs with data into out_dir; return written paths.
 
     Runs without data are skipped with a warning; returns [] when none has data.
@@ -139,6 +184,20 @@ def plot_runs(
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in zip(("loss", "error"), figures(runs), strict=True):
+        for ext in ("png", "pdf") if pdf else ("png",):
+            path = out_dir / f"{name}.{ext}"
+            save_atomic(fig, path)
+            written.append(path)
+    return written
+
+
+def figures(runs: list[tuple[str, pd.DataFrame]]) -> tuple[Figure, Figure]:
+    """(loss figure, error figure) of the runs, given as (legend label, log) pairs.
+
+    The first axes of the error figure is top-1 error, with each run's reported point marked.
+    """
     has_top5 = any("test_top5" in df.columns for _, df in runs)
 
     # Figures are built without pyplot, so nothing is registered globally and
@@ -154,19 +213,13 @@ def plot_runs(
     err_fig = Figure(figsize=(12 if has_top5 else 7, 4.5))
     FigureCanvasAgg(err_fig)
     axes = err_fig.subplots(1, 2 if has_top5 else 1, squeeze=False)[0]
-    for ax, metric, title in zip(axes, ("err", "top5"), ("Top-1 error", "Top-5 error")):
+    metrics = zip(("err", "top5"), ("Top-1 error", "Top-5 error"), strict=True)
+    for ax, (metric, title) in zip(axes, metrics, strict=False):  # top-5: only if logged
         plot_metric(ax, runs, metric, log_rule=True)
         ax.set_ylabel("error (%)")
         ax.set_title(title)
-        add_legend(ax, runs, metric)
-
-    written = []
-    for name, fig in (("loss", loss_fig), ("error", err_fig)):
-        for ext in ("png", "pdf") if pdf else ("png",):
-            path = out_dir / f"{name}.{ext}"
-            save_atomic(fig, path)
-            written.append(path)
-    return written
+        add_legend(ax, runs, metric, mark_reported(ax, runs) if metric == "err" else ())
+    return loss_fig, err_fig
 
 
 class Background:
@@ -189,9 +242,7 @@ class Background:
             return
         self._collect()
         cmd = [sys.executable, __file__, self.run_dir, "--out", self.run_dir]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def finish(self) -> None:
         """Wait for the last refresh, then draw the final figures."""
@@ -200,11 +251,11 @@ class Background:
         self._collect()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the process exit code."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: run folders, --out, --pdf."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s)"
+        "runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s) holding log.csv"
     )
     parser.add_argument(
         "--out",
@@ -214,12 +265,30 @@ def main(argv: list[str] | None = None) -> int:
         "else the current directory)",
     )
     parser.add_argument("--pdf", action="store_true", help="also write PDF versions")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def error(msg: str) -> int:
+    """Print a one-line error on stderr; return the exit code 1."""
+    print(f"plot.py: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    missing = [str(run) for run in args.runs if not run.is_dir()]
+    if missing:
+        return error(f"no such run folder: {', '.join(missing)}")
     out = args.out or (args.runs[0] if len(args.runs) == 1 else Path.cwd())
-    written = plot_runs(args.runs, out, pdf=args.pdf)
+    if out.exists() and not out.is_dir():
+        return error(f"--out {out} is a file, not a folder")
+    try:
+        written = plot_runs(args.runs, out, pdf=args.pdf)
+    except OSError as e:  # e.g. an unwritable --out folder
+        return error(f"cannot write the figures in {out} ({e.strerror or e})")
     if not written:
-        print("plot.py: error: no run has any logged epochs to plot", file=sys.stderr)
-        return 1
+        return error("no run has any logged epochs to plot")
     for path in written:
         print(path)
     return 0

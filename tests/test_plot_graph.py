@@ -1,5 +1,6 @@
 """Tests for plot.py (curves from log.csv) and make_graph.py (autograd graph as DOT)."""
 
+import argparse
 import json
 import math
 import shutil
@@ -18,9 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(
-    run_dir: Path, epochs: int = 12, val: bool = False, top5: bool = False
-) -> Path:
+def write_run(run_dir: Path, epochs: int = 12, val: bool = False, top5: bool = False) -> Path:
     """Write a plausible log.csv (errors in %, lr drops at 50% and 75%) and args.json."""
     run_dir.mkdir(parents=True)
     rows = []
@@ -108,10 +107,7 @@ def test_plot_skips_empty_runs_and_fails_without_data(tmp_path, capsys):
     empty.mkdir()
     (empty / "log.csv").write_text("")
 
-    assert (
-        plot.main([str(header_only), str(missing), str(empty), "--out", str(tmp_path)])
-        == 1
-    )
+    assert plot.main([str(header_only), str(missing), str(empty), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "header_only" in err and "missing" in err and "empty" in err
     assert "no run has any logged epochs" in err
@@ -147,6 +143,98 @@ def test_plot_cli_subprocess(tmp_path):
     assert "error:" in result.stderr
 
 
+# A run whose validation error is lowest at epoch 4, whose test error is lowest at epoch 5,
+# and whose last epoch is 6: each rule picks a different point.
+VAL_ERR = [50.0, 20.0, 9.0, 7.0, 8.0, 10.0]
+TEST_ERR = [52.0, 22.0, 10.0, 8.5, 7.5, 7.9]
+
+
+def write_log(run_dir: Path, val: bool) -> Path:
+    """A log.csv with the trainer's columns and the errors above."""
+    run_dir.mkdir(parents=True)
+    columns = {"epoch": range(1, 7), "lr": [0.1] * 3 + [0.01] * 3, "train_loss": [1.0] * 6}
+    columns |= {"train_err": [30.0] * 6}
+    if val:
+        columns |= {"val_loss": [1.0] * 6, "val_err": VAL_ERR}
+    columns |= {"test_loss": [1.0] * 6, "test_err": TEST_ERR, "seconds": [2.0] * 6}
+    pd.DataFrame(columns).to_csv(run_dir / "log.csv", index=False)
+    return run_dir
+
+
+def stars(fig) -> tuple[list, list[str]]:
+    """The marked points (star markers) of the top-1 error axes, and its legend's texts."""
+    ax = fig.axes[0]
+    assert ax.get_title() == "Top-1 error"
+    marked = [line for line in ax.get_lines() if line.get_marker() == "*"]
+    return marked, [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+@pytest.mark.parametrize(
+    ("val", "epoch", "error", "label"),
+    [
+        (False, 6, 7.9, "final epoch 6: 7.90 %"),
+        (True, 4, 8.5, "best val epoch 4: test 8.50 %"),
+    ],
+)
+def test_error_plot_marks_the_reported_point(tmp_path, val, epoch, error, label):
+    run = write_log(tmp_path / "run", val)
+    assert plot.reported_point(plot.load_log(run)) == (epoch, error, label)
+    _, err_fig = plot.figures([("run", plot.load_log(run))])
+    marked, legend = stars(err_fig)
+    assert len(marked) == 1 and marked[0].get_label() == label and label in legend
+    assert list(marked[0].get_xdata()) == [epoch] and list(marked[0].get_ydata()) == [error]
+    assert plot.main([str(run)]) == 0  # and the figure is drawn and written
+    assert_png(run / "error.png")
+
+
+def test_each_run_has_its_marked_point_in_its_colour(tmp_path):
+    runs = [write_log(tmp_path / "a", val=False), write_run(tmp_path / "b", top5=True)]
+    err_fig = plot.figures([(r.name, plot.load_log(r)) for r in runs])[1]
+    marked, legend = stars(err_fig)
+    last_b = plot.load_log(runs[1]).iloc[-1]
+    assert [m.get_label() for m in marked] == [
+        "final epoch 6: 7.90 %",
+        f"final epoch 12: {last_b.test_err:.2f} %",
+    ]
+    assert [m.get_color() for m in marked] == ["C0", "C1"]
+    assert legend[-2:] == [m.get_label() for m in marked]
+    assert not [line for line in err_fig.axes[1].get_lines() if line.get_marker() == "*"]
+
+
+def test_plot_refuses_a_folder_that_does_not_exist(tmp_path):
+    good = write_run(tmp_path / "good")
+    missing = tmp_path / "no such run"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "plot.py"), str(good), str(missing)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr == f"plot.py: error: no such run folder: {missing}\n"
+    assert not (good / "error.png").exists()
+
+
+def test_plot_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    run = write_run(tmp_path / "run")
+    (tmp_path / "figures").write_text("mine")
+    assert plot.main([str(run), "--out", str(tmp_path / "figures")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"plot.py: error: --out {tmp_path / 'figures'} is a file, not a folder\n"
+    inside = tmp_path / "figures" / "sub"
+    assert plot.main([str(run), "--out", str(inside)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"plot.py: error: cannot write the figures in {inside} (")
+    assert err.count("\n") == 1 and (tmp_path / "figures").read_text() == "mine"
+
+
+@pytest.mark.parametrize("module", [plot, make_graph])
+def test_every_flag_has_a_help_text(module):
+    for action in module.build_parser()._actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+        assert len(action.help) > 10, action.option_strings
+
+
 def assert_dot(path: Path) -> str:
     """A syntactically plausible digraph naming the DenseNet layers; returns its text."""
     text = path.read_text()
@@ -171,9 +259,7 @@ def test_make_graph_renders_or_explains(tmp_path, capsys):
     assert "denseblock3.denselayer2" not in text  # depth 10 BC: one layer per block
     printed = capsys.readouterr().out
     if shutil.which("dot"):
-        assert (
-            (tmp_path / "graph.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
-        )
+        assert (tmp_path / "graph.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
         assert "wrote" in printed and "graph.svg" in printed
     else:
         assert "dot -Tsvg" in printed and "install" in printed.lower()
@@ -191,6 +277,27 @@ def test_make_graph_without_dot_prints_hint(tmp_path, capsys, monkeypatch):
     assert "dot -Tsvg" in printed and "plain.svg" in printed
     assert "install" in printed.lower()
     assert not (tmp_path / "plain.svg").exists()
+
+
+def test_make_graph_refuses_an_out_inside_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    out = tmp_path / "file" / "graph"
+    assert make_graph.main(["--depth", "10", "--growth", "4", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"make_graph.py: error: cannot write {out}.dot (") and err.count("\n") == 1
+    )
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_make_graph_hint_quotes_paths_for_the_shell(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `dot`
+    out = tmp_path / "with space" / "graph"
+    assert make_graph.main(["--depth", "10", "--growth", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    command = f"dot -Tsvg {make_graph.shell_line([str(out) + '.dot'])} -o"
+    assert command in printed and make_graph.shell_line(["a b"]) != "a b"  # space quoted
+    assert (tmp_path / "with space" / "graph.dot").is_file()
 
 
 def test_make_graph_rejects_bad_depth(tmp_path, capsys):
