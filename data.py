@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 import datafiles
-from datafiles import DataError
+from datafiles import DataError, check_folder
 
 # The label of the padding that fills the last evaluation batch to full size: callers skip
 # it (it is cross_entropy's default ignore_index; error counts must skip it too).
@@ -110,7 +110,7 @@ def load(
         why = "SVHN keeps its own 6,000-image split" if val_split > 0 else "it is negative"
         raise DataError(f"cannot hold out a validation split of {val_split} images: {why}")
     root = Path(root)
-    datafiles.check_folder(root)
+    check_folder(root)
     with datafiles.tidy(_SOURCES[name][1], root):
         splits = _read(name, root, download, svhn_val_per_class)
     if val_split:
@@ -528,7 +528,7 @@ def imagenet(
     B×10×3×224×224 (average the softmax over the crops; channels_last is not applied).
     """
     root = Path(root)
-    datafiles.check_folder(root)
+    check_folder(root)
     layout = f"expected {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG"
     try:
         train_folder = ImageFolder(root / "train")

@@ -148,6 +148,10 @@ def test_data_folder_that_is_a_file(tmp_path, inside):
     assert "\n" not in str(error.value) and file.read_text() == "not a folder"
     with pytest.raises(data.DataError, match=expected):
         data.imagenet(root, 4, workers=0, seed=0)
+    with pytest.raises(data.DataError, match=expected):  # for the trainer, before any work
+        data.check_folder(root)
+    data.check_folder(tmp_path / "new" / "data")  # a folder that can be made is fine
+    assert not (tmp_path / "new").exists()
 
 
 def serve_cifar(tmp_path, served) -> synthetic.Synthetic:
