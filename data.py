@@ -525,7 +525,8 @@ def imagenet(
     """ImageNet from root/{train,val}/<class>/*.JPEG: (info, train loader, val loader).
 
     Training augmentation follows fb.resnet.torch. ten_crop makes val batches
-    B×10×3×224×224 (average the softmax over the crops; channels_last is not applied).
+    B×10×3×224×224 (channels_last is not applied); fb.resnet.torch's train.lua
+    (computeScore) combines the crops by summing their logits, before any softmax.
     """
     root = Path(root)
     check_folder(root)
