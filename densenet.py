@@ -6,6 +6,7 @@ The paper's modules come first; the memory-efficient path (memory_efficient=True
 its own section at the end.
 """
 
+import pickle
 import re
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -322,11 +323,34 @@ def densenet161(**kwargs) -> DenseNet:
 _LEGACY_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
 
 
+# What torch.load(weights_only=True) names when a file asks to import or call a global.
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_OS_MODULES = {"posix": "os", "nt": "os"}  # os.system pickles as posix.system or nt.system
+
+
+def _refused_global(e: Exception) -> str | None:
+    """The global a weights-only load refused (e.g. "os.system"), "" if unnamed, else None."""
+    if not isinstance(e, pickle.UnpicklingError) or "Weights only load failed" not in str(e):
+        return None
+    match = _GLOBAL.search(str(e))
+    if not match:
+        return ""
+    module, _, name = match.group(1).rpartition(".")
+    return f"{_OS_MODULES.get(module, module or 'builtins')}.{name}"
+
+
 def load_file(path: str | PathLike) -> object:
     """torch.load(weights_only=True) on the CPU; an unreadable file is a one-line ValueError."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
+        refused = _refused_global(e)
+        if refused is not None:
+            what = f" ({refused})" if refused else ""
+            raise ValueError(
+                f"cannot read {path}: refused because it asks to import or call something "
+                f"that is not plain data{what}"
+            ) from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(f"cannot read {path}: truncated or corrupt ({reason})") from None
 
@@ -398,6 +422,11 @@ class _ScratchRunningStats:
 
 def _checkpoint_first_conv(layer: _DenseLayer, x: Tensor) -> Tensor:
     """layer._first_conv(x), keeping only its (linear-size) output for backward."""
+    if torch.compiler.is_exporting():
+        raise RuntimeError(
+            "torch.export cannot trace memory_efficient=True in training mode (checkpointing): "
+            "export model.eval(), or a model built with memory_efficient=False"
+        )
     # Under torch.compile the running-stat update is a traced buffer mutation that happens
     # once, so only eager mode needs the scratch-stats recomputation context.
     kwargs = {}

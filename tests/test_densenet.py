@@ -2,6 +2,7 @@
 the plain path for the memory-efficient one, and torchvision's DenseNet."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -50,15 +51,10 @@ def test_output_shapes_cifar_mnist_imagenet():
 
 def test_stem_channels_follow_the_paper_and_can_be_set():
     assert (
-        D.densenet_cifar(
-            40, 12, bottleneck=False, compression=1
-        ).features.conv0.out_channels
-        == 16
+        D.densenet_cifar(40, 12, bottleneck=False, compression=1).features.conv0.out_channels == 16
     )
     assert D.densenet_cifar(100, 12).features.conv0.out_channels == 24
-    lua = D.densenet_cifar(
-        40, 12, bottleneck=False, compression=1, num_init_features=24
-    )
+    lua = D.densenet_cifar(40, 12, bottleneck=False, compression=1, num_init_features=24)
     assert lua.features.conv0.out_channels == 24
     assert D.densenet161().features.conv0.out_channels == 96
 
@@ -95,9 +91,7 @@ def test_dropout_only_in_training():
 def test_dropout_follows_every_conv_but_the_first():
     m = D.densenet_cifar(10, 4, drop_rate=0.5, bottleneck=False, compression=1)
     seen = {}
-    m.features.denseblock1.register_forward_hook(
-        lambda mod, i, o: seen.__setitem__("block", o)
-    )
+    m.features.denseblock1.register_forward_hook(lambda mod, i, o: seen.__setitem__("block", o))
     m.features.transition1.pool.register_forward_pre_hook(
         lambda mod, i: seen.__setitem__("pool_in", i[0])
     )
@@ -107,14 +101,10 @@ def test_dropout_follows_every_conv_but_the_first():
     zeros = lambda t: (t == 0).float().mean().item()
     assert zeros(seen["block"][:, :stem_channels]) == 0  # stem conv: no dropout
     assert 0.4 < zeros(seen["block"][:, stem_channels:]) < 0.6  # after the layer conv
-    assert (
-        0.4 < zeros(seen["pool_in"]) < 0.6
-    )  # after the transition conv, before pooling
+    assert 0.4 < zeros(seen["pool_in"]) < 0.6  # after the transition conv, before pooling
 
 
-def _tiny(
-    bottleneck: bool, memory_efficient: bool = False, drop_rate: float = 0.0
-) -> D.DenseNet:
+def _tiny(bottleneck: bool, memory_efficient: bool = False, drop_rate: float = 0.0) -> D.DenseNet:
     torch.manual_seed(0)
     return D.DenseNet(
         growth_rate=3,
@@ -139,14 +129,10 @@ def test_gradcheck_float64(bottleneck, memory_efficient):
     def f(x, *ps):
         return torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (x,))
 
-    assert torch.autograd.gradcheck(
-        f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True
-    )
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-def _train_step(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int
-) -> torch.Tensor:
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)  # same dropout masks on both paths
     out = model(x)
     F.cross_entropy(out, y).backward()
@@ -275,9 +261,7 @@ def test_channels_last_matches_nchw():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-        fast = model.to(memory_format=torch.channels_last)(
-            x.to(memory_format=torch.channels_last)
-        )
+        fast = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
     torch.testing.assert_close(ref, fast, rtol=1e-4, atol=1e-5)
 
 
@@ -368,3 +352,36 @@ def test_bad_checkpoint_files_raise_value_error(tmp_path):
             D.load_torchvision_checkpoint(D.densenet121(), path)
     other = copy.deepcopy(D.densenet_cifar(10, 4))
     D.load_torchvision_checkpoint(other, good)  # the right model loads
+
+
+class _RunsAShellCommand:
+    """Unpickling this calls os.system: a checkpoint that would run code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused_naming_the_call(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": torch.ones(2), "payload": _RunsAShellCommand(marker)}, path)
+    with pytest.raises(ValueError) as info:
+        D.load_file(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "refused because it asks to import or call something" in message
+    assert "(os.system)" in message
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_truncated_or_corrupt_in_one_line(tmp_path):
+    path = tmp_path / "cut.pth"
+    torch.save(D.densenet_cifar(10, 4).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError) as info:
+        D.load_file(path)
+    message = str(info.value)
+    assert "\n" not in message and "truncated or corrupt" in message

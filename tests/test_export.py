@@ -1,0 +1,122 @@
+"""densenet.py where users take it: TorchScript, torch.export, ONNX (run by onnxruntime) and
+torch.hub, each against the eager model's outputs."""
+
+import warnings
+from pathlib import Path
+
+import onnxruntime
+import pytest
+import torch
+
+import densenet as D
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cifar(memory_efficient: bool = False) -> D.DenseNet:
+    torch.manual_seed(0)
+    return D.densenet_cifar(40, 12, memory_efficient=memory_efficient)
+
+
+def _output_and_input_grad(model: torch.nn.Module, x: torch.Tensor):
+    x = x.clone().requires_grad_()
+    out = model(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    return out, grad
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_torchscript_equals_eager(memory_efficient):
+    """Scripted, memory_efficient takes the plain path (TorchScript cannot checkpoint)."""
+    model = _cifar(memory_efficient)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.script is deprecated"
+        scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 32, 32)
+    for got, want in zip(
+        _output_and_input_grad(scripted, x), _output_and_input_grad(model, x), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    scripted.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_torch_export_eval_equals_eager(memory_efficient):
+    model = _cifar(memory_efficient).eval()
+    program = torch.export.export(model, (torch.randn(2, 3, 32, 32),))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_train_mode_plain_equals_eager():
+    model, twin = _cifar(), _cifar()
+    program = torch.export.export(model, (torch.randn(2, 3, 32, 32),))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(program.module()(x), twin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_train_mode_memory_efficient_refused_in_one_line():
+    model = _cifar(memory_efficient=True)
+    with pytest.raises(RuntimeError) as info:
+        torch.export.export(model, (torch.randn(2, 3, 32, 32),))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "memory_efficient=True in training mode" in message and "model.eval()" in message
+
+
+ONNX_MODELS = {
+    "cifar": (lambda: D.densenet_cifar(16, 4), 32),
+    "imagenet": (lambda: D.DenseNet(8, (2, 2, 2, 2), stem="imagenet", num_classes=7), 64),
+}
+
+
+@pytest.mark.parametrize("name", ONNX_MODELS)
+def test_onnx_dynamic_batch_equals_eager(name, tmp_path):
+    """Exported at batch 2, run by onnxruntime at batch 3."""
+    build, size = ONNX_MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    path = tmp_path / "densenet.onnx"
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(
+        model, (torch.randn(2, 3, size, size),), path, dynamo=True, dynamic_shapes=({0: batch},)
+    )
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, size, size)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-5)
+
+
+def _hub(name: str, **kwargs):
+    return torch.hub.load(str(ROOT), name, source="local", **kwargs)
+
+
+def test_hub_accepts_torchvision_arguments_without_weights():
+    for kwargs in ({"pretrained": False}, {"weights": None}, {}):
+        model = _hub("densenet121", **kwargs)
+        assert sum(p.numel() for p in model.parameters()) == 7_978_856
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"pretrained": True}, {"weights": "IMAGENET1K_V1"}, {"weights": "missing.pth"}]
+)
+def test_hub_named_weights_refused_in_one_line(kwargs):
+    with pytest.raises(ValueError) as info:
+        _hub("densenet121", **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "no named weights ship" in message and "load_torchvision_checkpoint" in message
+
+
+def test_hub_weights_file_loads_it(tmp_path):
+    torch.manual_seed(1)
+    source = D.densenet_cifar(100, 12)
+    torch.save(source.state_dict(), tmp_path / "bc100.pth")
+    model = _hub("densenet_bc_100_12", weights=str(tmp_path / "bc100.pth")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source.eval()(x), rtol=0, atol=0)
