@@ -1,87 +1,58 @@
-"""The training loop's parts, shared by train.py and bench.py: the step, evaluation,
-metrics, stop signals, and the run's files (atomic checkpoints, CSV log)."""
+"""The training loop's parts, shared by train.py and bench.py: the process-wide settings of
+a run, the step, evaluation, metrics, stop signals and compiling with an eager fallback."""
 
+import copy
 import ctypes
 import os
-import random
 import signal
-import tempfile
+import sys
 import time
-from contextlib import nullcontext
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-import densenet
+import data
+import runstate
+
+# glibc's mallopt parameters, and the defaults that process_settings restores.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+GLIBC_TRIM_THRESHOLD, GLIBC_MMAP_MAX = 128 * 1024, 65536
+# Under torchrun the ranks agree on a stop every this many steps (and at each epoch's
+# end): a blocking vote every step would stall every step on the slowest rank.
+STOP_VOTE_EVERY = 25
+# cuBLAS needs this before its first call to pick deterministic kernels.
+CUBLAS_DETERMINISTIC = ":4096:8"
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message is one line for the user."""
-
-
-def rng_state() -> dict:
-    """Every random stream except the data generator (saved at each epoch's start)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (
-            kind,
-            torch.from_numpy(keys.astype(np.int64)),
-            pos,
-            has_gauss,
-            cached,
-        ),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_write(path: Path, write, mode: str = "wb") -> None:
-    """Temp file in the same folder, write(f), fsync, rename: a kill at any instant
-    leaves the old or the new file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def _mallopt():
+    """glibc's mallopt, or None (Windows, macOS, musl): there the setting is skipped."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        return getattr(ctypes.CDLL(None), "mallopt", None)
+    except (OSError, TypeError):
+        return None
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    """torch.save, atomically (_atomic_write)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+def keep_freed_memory(keep: bool = True) -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse (keep=False: its defaults back).
 
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by train.py, or a one-line CheckpointError saying what is wrong."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = densenet.load_file(path)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    if not isinstance(ckpt, dict) or not {"model", "args", "epoch"} <= ckpt.keys():
-        raise CheckpointError(
-            f"{path} is not a train.py checkpoint (a foreign or raw state_dict?)"
-        )
-    return ckpt
+    glibc serves blocks over 32 MiB (a wide layer's fp32 activations at batch 64) with
+    mmap and unmaps them on free, so every step page-faults them in afresh: that cost
+    fp32 memory_efficient CPU steps 24% (python attic/cpu_step_profile.py). Returns
+    whether the setting could be made.
+    """
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    mallopt(M_MMAP_MAX, 0 if keep else GLIBC_MMAP_MAX)  # serve large blocks from the heap
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1 if keep else GLIBC_TRIM_THRESHOLD)  # never shrink it
+    return True
 
 
 class Stop:
@@ -89,52 +60,68 @@ class Stop:
 
     def __init__(self) -> None:
         self.signum = 0
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self.request)
 
-    def request(self, signum, frame):
+    def request(self, signum: int, frame: object) -> None:
         self.signum = signum
 
-    def now(self, group) -> int:
-        """The signal, agreed on by every rank so all stop at the same step."""
+    def now(self, group: dist.ProcessGroup | None, step: int, last: bool) -> int:
+        """The signal, agreed on by every rank so all stop at the same step; the ranks vote
+        every STOP_VOTE_EVERY steps and at the epoch's last step."""
         if group is None:
             return self.signum
+        if step % STOP_VOTE_EVERY and not last:
+            return 0
         flag = torch.tensor([self.signum])
         dist.all_reduce(flag, dist.ReduceOp.MAX, group=group)
         return int(flag)
 
 
-def keep_freed_memory() -> None:
-    """Ask glibc's malloc to keep freed memory for reuse (a no-op elsewhere).
+@contextmanager
+def process_settings(device: torch.device, deterministic: bool = False) -> Iterator[Stop]:
+    """Set the process-wide state a run needs and restore it afterwards: SIGINT/SIGTERM
+    request a Stop; denormals flush to zero; on the CPU glibc keeps freed memory; cuDNN
+    autotunes unless deterministic, which also asks for deterministic kernels."""
+    stop, signals = Stop(), (signal.SIGINT, signal.SIGTERM)
+    handlers = {s: signal.signal(s, stop.request) for s in signals}
+    # Denormal floats (tiny weights and gradients late in training, common with bf16) send
+    # CPU kernels down a path ~50x slower; flushing them to zero costs no accuracy.
+    torch.set_flush_denormal(True)
+    kept = device.type == "cpu" and keep_freed_memory()
+    cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    algorithms = torch.are_deterministic_algorithms_enabled()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield stop
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        torch.set_flush_denormal(False)
+        if kept:
+            keep_freed_memory(False)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+        torch.use_deterministic_algorithms(algorithms)
+        if deterministic and cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
-    glibc serves blocks over 32 MiB (a wide layer's fp32 activations at batch 64) with
-    mmap and unmaps them on free, so every step page-faults them in afresh: that cost
-    fp32 memory_efficient CPU steps 24% (python attic/cpu_step_profile.py).
-    """
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap, not from mmap
-        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not shrink the heap
+
+# ----------------------------------------------------------------------------- metrics
 
 
 def metrics(out: torch.Tensor, y: torch.Tensor, top5: bool) -> torch.Tensor:
-    """[summed loss, top-1 errors, top-5 errors, count], ignoring label -100 (eval padding)."""
+    """[summed loss, top-1 errors, top-5 errors, count], ignoring evaluation padding."""
     out = out.float()
-    valid = y != -100
-    loss = F.cross_entropy(out, y, ignore_index=-100, reduction="sum")
+    valid = y != data.IGNORE_LABEL
+    loss = F.cross_entropy(out, y, ignore_index=data.IGNORE_LABEL, reduction="sum")
     wrong1 = ((out.argmax(1) != y) & valid).sum()
     wrong5 = wrong1 * 0
     if top5:
         wrong5 = ((out.topk(5, 1).indices != y[:, None]).all(1) & valid).sum()
     return torch.stack([loss, wrong1.float(), wrong5.float(), valid.sum().float()])
-
-
-def autocast(amp: str, device: torch.device):
-    """Mixed precision: "bf16", "fp16" (with a GradScaler) or "off"."""
-    if amp == "off":
-        return nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def reduce(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -145,6 +132,7 @@ def reduce(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def summarise(sums: torch.Tensor, prefix: str, top5: bool) -> dict:
+    """Mean loss and error rates (%) from summed metrics: one host sync."""
     loss, wrong1, wrong5, n = sums.tolist()
     row = {f"{prefix}_loss": loss / n, f"{prefix}_err": 100 * wrong1 / n}
     if top5:
@@ -152,7 +140,18 @@ def summarise(sums: torch.Tensor, prefix: str, top5: bool) -> dict:
     return row
 
 
-def train_step(model, opt, scaler, x: torch.Tensor, y: torch.Tensor, amp: str):
+# ----------------------------------------------------------------------------- steps
+
+
+def autocast(amp: str, device: torch.device):
+    """Mixed precision: "bf16", "fp16" (with a GradScaler) or "off"."""
+    if amp == "off":
+        return nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train_step(model, opt, scaler, x: torch.Tensor, y: torch.Tensor, amp: str) -> torch.Tensor:
     """One SGD step; returns the detached logits (metrics stay on the device)."""
     with autocast(amp, x.device):
         out = model(x)
@@ -165,25 +164,26 @@ def train_step(model, opt, scaler, x: torch.Tensor, y: torch.Tensor, amp: str):
 
 
 @torch.no_grad()
-def evaluate(model, batches, amp: str, top5: bool, world: int = 1) -> torch.Tensor:
+def evaluate(model, batches: data.BatchSource, amp: str, top5: bool, world: int = 1) -> torch.Tensor:
     """Summed metrics over an evaluation split (every rank's shard, reduced)."""
     model.eval()
     sums = None
     for x, y in batches.epoch():
         with autocast(amp, x.device):
-            # ten crops: average the softmax over crops (paper Table 3)
-            if x.dim() == 5:
-                probs = model(x.flatten(0, 1)).float().softmax(1)
-                out = probs.view(*x.shape[:2], -1).mean(1).clamp_min(1e-12).log()
-            else:
-                out = model(x)
+            out = model(x.flatten(0, 1) if x.dim() == 5 else x)
+        if x.dim() == 5:
+            # Ten crops: fb.resnet.torch (the authors' code) sums the logits over the crops
+            # (train.lua computeScore); their mean ranks the classes the same way and keeps
+            # the loss on the single-crop scale.
+            out = out.float().view(*x.shape[:2], -1).mean(1)
         batch = metrics(out, y, top5)
         sums = batch if sums is None else sums + batch
     return reduce(sums, world)
 
 
-def train_epoch(model, opt, scaler, batches, sums, *, amp: str, top5: bool, start: int = 0,
-                stop: Stop | None = None, group=None, progress: bool = False):  # fmt: skip
+def train_epoch(model, opt, scaler, batches: data.BatchSource, sums: torch.Tensor, *,
+                amp: str, top5: bool, start: int = 0, stop: Stop | None = None,
+                group: dist.ProcessGroup | None = None, progress: bool = False):  # fmt: skip
     """Steps start.. of this epoch; returns (sums, steps done, signal number or 0).
 
     Metrics accumulate on the device; the host syncs only for the progress bar."""
@@ -198,34 +198,65 @@ def train_epoch(model, opt, scaler, batches, sums, *, amp: str, top5: bool, star
         if progress and step % 50 == 0:
             loss, wrong, _, n = sums.tolist()
             rate = (step - start) * len(x) / (time.perf_counter() - t0)
-            bar.set_postfix(
-                loss=f"{loss / n:.3f}",
-                err=f"{100 * wrong / n:.2f}",
-                img_s=f"{rate:.0f}",
-            )
-        signum = stop.now(group) if stop else 0
+            bar.set_postfix(loss=f"{loss / n:.3f}", err=f"{100 * wrong / n:.2f}", img_s=f"{rate:.0f}")
+        signum = stop.now(group, step, last=step == len(batches)) if stop else 0
         if signum:
             break
     bar.close()
     return sums, step, signum
 
 
-def trim_log(path: Path, epochs_done: int) -> None:
-    """Drop log rows past the checkpoint (a kill between the log write and the save)."""
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        keep = lines[:1] + [
-            ln for ln in lines[1:] if int(ln.split(",")[0]) <= epochs_done
-        ]
-        if keep != lines:
-            _atomic_write(path, lambda f: f.writelines(keep), mode="w")
+# ----------------------------------------------------------------------------- compile
 
 
-def append_row(path: Path, row: dict) -> None:
-    """One whole line per write, flushed: pandas can read the log at any moment."""
-    header = "" if path.exists() else ",".join(row) + "\n"
-    values = ",".join(
-        f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()
-    )
-    with path.open("a") as f:
-        f.write(header + values + "\n")
+def compile_or_eager(model: nn.Module, net: nn.Module, mode: str, train: data.BatchSource,
+                     amp: str, world: int = 1) -> tuple[nn.Module, str | None]:  # fmt: skip
+    """torch.compile(model), tried on one training and one evaluation batch before the
+    run; if compiling fails (no Triton, an unsupported GPU, a Dynamo error) the eager
+    model and the reason, in one line. The trial leaves no trace: net's weights and
+    buffers, its gradients and every random stream are as they were."""
+    compiled = torch.compile(model, mode=mode)
+    saved, rng = copy.deepcopy(net.state_dict()), runstate.rng_state()
+    drawn = train.generator.get_state()
+    x, y = next(iter(train.epoch()))
+    train.generator.set_state(drawn)
+    failure = None
+    try:
+        with model.no_sync() if world > 1 else nullcontext():
+            compiled.train()
+            with autocast(amp, x.device):
+                F.cross_entropy(compiled(x), y).backward()
+            compiled.eval()
+            with torch.no_grad(), autocast(amp, x.device):
+                compiled(x)
+    except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+        failure = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    if world > 1:  # every rank runs the same way
+        flag = torch.tensor([failure is not None], dtype=torch.int32)
+        dist.all_reduce(flag, group=dist.new_group(backend="gloo"))
+        failure = failure or ("failed on another rank" if flag.item() else None)
+    net.load_state_dict(saved)
+    net.zero_grad(set_to_none=True)
+    runstate.set_rng_state(rng)
+    return (model, failure) if failure else (compiled, None)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the activations autograd keeps for one backward of model(x): distinct
+    storages, parameters excluded (DenseNet's parameter count itself grows quadratically
+    with depth). The linear-memory test and attic/memory_vs_depth.py measure with this."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return sum(storages.values())

@@ -5,16 +5,21 @@
 ./train.py --dataset fashion-mnist --depth 40 --growth 12 --epochs 10
 ./train.py --resume                          # continue work/cifar10.densenet-bc-100-12
 torchrun --nproc_per_node 4 train.py --dataset imagenet --data-dir /data/imagenet
+
+The number to compare with the paper is the closing line's final test error (the paper
+reports the error after the last epoch); best.pt is chosen on held-out training images only
+(--val-split, or SVHN's validation set), never on the test set.
 """
 
-import argparse
+import csv
 import json
-import math
 import os
 import random
-import signal
 import sys
 import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,216 +32,107 @@ import densenet
 import diracnet
 import engine
 import plot
+import recipes
+import runstate
+from recipes import DIRAC_ARCHS, IDENTITY, UserError
 
-IMAGENET_ARCHS = (
-    "densenet121",
-    "densenet169",
-    "densenet201",
-    "densenet161",
-    "densenet264",
-)
-DIRAC_ARCHS = ("diracnet18", "diracnet34")
-# Flags whose change makes a checkpoint a different experiment: refused on --resume.
-IDENTITY = (
-    "dataset",
-    "model",
-    "arch",
-    "depth",
-    "growth",
-    "bottleneck",
-    "compression",
-    "width",
-)
+# ----------------------------------------------------------------------------- devices
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, without a traceback."""
+@dataclass(frozen=True)
+class Placement:
+    """Where this process runs: its rank among world processes, and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
 
 
-# ----------------------------------------------------------------------------- recipes
+def cuda_unusable_reason() -> str | None:
+    """Why a CUDA build of torch cannot use a GPU here, as torch says it; None when it can
+    or when this torch has no CUDA."""
+    if torch.version.cuda is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # is_available() warns about old drivers
+        if torch.cuda.is_available():
+            return None
+        try:
+            torch.cuda.init()
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or AssertionError
+            return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return "torch.cuda.is_available() is False"
 
 
-def recipe(a: argparse.Namespace) -> dict:
-    """The published recipe for this dataset and model; explicit flags override it."""
-    if a.dataset == "imagenet":  # paper Sec. 4.2 and the authors' fb.resnet.torch setup
-        return {
-            "arch": "densenet121", "batch_size": 256, "epochs": 90, "lr": 0.1, "momentum": 0.9,
-            "nesterov": True, "weight_decay": 1e-4, "milestones": [1 / 3, 2 / 3], "gamma": 0.1,
-            "augment": True, "drop_rate": 0.0, "workers": 8,
-        }  # fmt: skip
-    if a.model == "diracnet":  # official CIFAR recipe of szagoruyko/diracnets
-        return {
-            "depth": 34, "width": 1.0, "batch_size": 128, "epochs": 200, "lr": 0.1, "momentum": 0.9,
-            "nesterov": False, "weight_decay": 5e-4, "milestones": [0.3, 0.6, 0.8], "gamma": 0.2,
-            "augment": a.dataset != "svhn", "drop_rate": 0.0, "pad_mode": "reflect",
-        }  # fmt: skip
-    r = {
-        "depth": 100, "growth": 12, "bottleneck": True, "batch_size": 64, "epochs": 300, "lr": 0.1,
-        "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4, "milestones": [0.5, 0.75],
-        "gamma": 0.1, "augment": True, "pad_mode": "constant",
-    }  # fmt: skip
-    if a.dataset == "svhn":  # paper Sec. 4.2: no augmentation, dropout 0.2, 40 epochs
-        r.update(augment=False, epochs=40)
-    if a.dataset in ("mnist", "fashion-mnist"):  # not in the paper: our short schedule
-        r.update(epochs=40)
-    augment = r["augment"] if a.augment is None else a.augment
-    # the paper drops out only without augmentation
-    r["drop_rate"] = 0.0 if augment else 0.2
-    r["compression"] = (
-        0.5 if (a.bottleneck if a.bottleneck is not None else True) else 1.0
-    )
-    return r
+def select_device(flag: str, world: int, local_rank: int) -> torch.device:
+    """The device --device names; auto: CUDA, then MPS, then the CPU. Under torchrun each
+    process takes cuda:LOCAL_RANK."""
+    if flag == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank if world > 1 else 0)
+        mps = torch.backends.mps.is_available()
+        return torch.device("mps" if mps and world == 1 else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise UserError(f"--device {flag}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {flag}: no usable CUDA device ({cuda_unusable_reason()})")
+        if world > 1 and device.index is not None:
+            raise UserError(f"--device {flag}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda")
+        index = local_rank if world > 1 else device.index or 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA devices")
+        return torch.device("cuda", index)
+    if device.type == "mps" and (world > 1 or not torch.backends.mps.is_available()):
+        why = "torchrun needs cuda or cpu" if world > 1 else "MPS is not available here"
+        raise UserError(f"--device {flag}: {why}")
+    if device.type not in ("cpu", "mps"):
+        raise UserError(f"--device {flag}: train.py runs on cpu, cuda or mps")
+    return device
 
 
-def run_name(a: argparse.Namespace) -> str:
-    if a.dataset == "imagenet":
-        return a.arch
-    if a.model == "diracnet":
-        return f"diracnet-{a.depth}-{a.width:g}"
-    bc = "-bc" if a.bottleneck and a.compression < 1 else ""
-    return f"densenet{bc}-{a.depth}-{a.growth}"
-
-
-def logs_top5(a: argparse.Namespace, num_classes: int) -> bool:
-    """Top-5 errors for 100+ classes, and always for ImageNet (the paper's metric)."""
-    return num_classes >= 100 or a.dataset == "imagenet"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Flags left unset are None: the recipe, the device or a resumed run fills them."""
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    on_off, true = argparse.BooleanOptionalAction, "store_true"
-    # fmt: off
-    m = p.add_argument_group("model")
-    m.add_argument("--model", choices=("densenet", "diracnet"), help="(default densenet)")
-    m.add_argument("--arch", choices=IMAGENET_ARCHS + DIRAC_ARCHS, help="ImageNet model (densenet121)")
-    m.add_argument("--depth", type=int, help="network depth L (default 100; diracnet 34)")
-    m.add_argument("--growth", type=int, help="growth rate k (default 12)")
-    m.add_argument("--no-bottleneck", dest="bottleneck", action="store_false", default=None,
-                   help="plain 3x3 layers (DenseNet rather than DenseNet-B)")
-    m.add_argument("--compression", type=float, help="theta (default 0.5 with bottleneck, else 1)")
-    m.add_argument("--width", type=float, help="DiracNet width multiplier (default 1)")
-    m.add_argument("--drop-rate", type=float, help="dropout (default 0.2 without augmentation)")
-    m.add_argument("--memory-efficient", action=true, default=None, help="linear-memory DenseNet")
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=(*data.DATASETS, "imagenet"), help="(default cifar10)")
-    d.add_argument("--data-dir", help="dataset folder (default data/)")
-    d.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    d.add_argument("--train-subset", type=int, metavar="N", help="train on the first N images")
-    d.add_argument("--workers", type=int, help="ImageNet DataLoader workers per process (8)")
-    d.add_argument("--ten-crop", action=true, default=None, help="ImageNet 10-crop evaluation")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--batch-size", type=int, help="GLOBAL batch, split over torchrun ranks (64)")
-    o.add_argument("--epochs", type=int, help="(default 300; SVHN 40; diracnet 200)")
-    o.add_argument("--lr", type=float, help="initial learning rate (0.1)")
-    o.add_argument("--momentum", type=float, help="(0.9)")
-    o.add_argument("--nesterov", action=on_off, default=None, help="(on; diracnet off)")
-    o.add_argument("--weight-decay", type=float, help="(1e-4; diracnet 5e-4)")
-    o.add_argument("--milestones", type=float, nargs="+", help="lr drops, fractions of the epochs")
-    o.add_argument("--gamma", type=float, help="lr factor at each milestone (0.1; diracnet 0.2)")
-    o.add_argument("--seed", type=int, help="(default 0)")
-    f = p.add_argument_group("speed")
-    f.add_argument("--amp", choices=("off", "bf16", "fp16"), help="autocast (default: README)")
-    f.add_argument("--channels-last", action=on_off, default=None)
-    f.add_argument("--compile", action=on_off, default=None, help="torch.compile (default on CUDA)")
-    f.add_argument("--sync-bn", action=true, default=None, help="SyncBatchNorm over ranks (CUDA)")
-    r = p.add_argument_group("run")
-    r.add_argument("--save", help="run folder (default work/<dataset>.<model name>)")
-    r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    r.add_argument("--resume", action=true, help="continue from <save>/latest.pt")
-    r.add_argument("--evaluate", metavar="CHECKPOINT", nargs="?", const="",
-                   help="evaluate a checkpoint (or --pretrained weights), no training")
-    r.add_argument("--pretrained", metavar="FILE", help="with --evaluate: torchvision weights")
-    r.add_argument("--export", metavar="OUT", help="with --evaluate: write the folded DiracNet")
-    r.add_argument("--tensorboard", action=true, default=None, help="also log to <save>/tb")
-    r.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="no figures")
-    # fmt: on
-    return p.parse_args(argv)
-
-
-# Defaults that do not depend on the recipe; flags left at None are "not given".
-DEFAULTS = {
-    "model": "densenet", "dataset": "cifar10", "data_dir": "data", "seed": 0, "memory_efficient": False,
-    "ten_crop": False, "sync_bn": False, "tensorboard": False, "plot": True,
-}  # fmt: skip
-
-
-def adopt(a: argparse.Namespace, old: dict, given: set[str]) -> None:
-    """Continue a run as it was started: its settings, unless the user typed another."""
-    for key, value in old.items():
-        if key not in given and key not in ("resume", "device", "evaluate"):
-            setattr(a, key, value)
-
-
-def resolve(a: argparse.Namespace, device: torch.device) -> argparse.Namespace:
-    """Fill every flag left unset from the recipe and the device; check combinations."""
-    if a.arch and a.dataset != "imagenet":
-        raise UserError(
-            "--arch is for --dataset imagenet; use --depth/--growth/--width otherwise"
-        )
-    if a.arch in DIRAC_ARCHS:
-        a.model = "diracnet"
-    for key, value in recipe(a).items():
-        if getattr(a, key, None) is None:
-            setattr(a, key, value)
-    cuda = device.type == "cuda"
-    # Fast paths (README "Speed" has the measurements): on CUDA bf16 autocast, channels_last
-    # and torch.compile; on CPU bf16 autocast and channels_last, no compile (slow to build).
-    a.amp = a.amp or "bf16"
-    a.channels_last = True if a.channels_last is None else a.channels_last
-    a.compile = cuda if a.compile is None else a.compile
-    a.save = a.save or str(Path("work") / f"{a.dataset}.{run_name(a)}")
-    if a.sync_bn and not cuda:
-        raise UserError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
-    if a.amp == "fp16" and not cuda:
-        raise UserError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
-    for name in ("batch_size", "epochs", "depth", "growth", "train_subset"):
-        if getattr(a, name) is not None and getattr(a, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    if a.workers is not None and a.workers < 0:
-        raise UserError("--workers must be 0 (load in the main process) or more")
-    if not all(0 < m < 1 for m in a.milestones):
-        raise UserError("--milestones are fractions of the epochs, each in (0, 1)")
-    return a
-
-
-# ----------------------------------------------------------------------------- setup
-
-
-def setup_distributed(device_flag: str) -> tuple[int, int, torch.device]:
+def setup_distributed(flag: str) -> Placement:
     """One process per GPU under torchrun (NCCL), or per CPU process (gloo)."""
-    rank, world = (
-        int(os.environ.get("RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")),
-    )
-    cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda")
-    if device_flag.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device_flag}: no CUDA device is available")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = select_device(flag, world, int(os.environ.get("LOCAL_RANK", "0")))
+    if flag == "auto" and device.type == "cpu" and rank == 0 and cuda_unusable_reason():
+        print(f"warning: this torch is built for CUDA {torch.version.cuda} but can use no GPU "
+              f"({cuda_unusable_reason()}); training on the CPU", file=sys.stderr)  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group(
-            "nccl" if cuda else "gloo", device_id=device if cuda else None
-        )
-    else:
-        device = torch.device(
-            "cuda" if cuda else device_flag if device_flag != "auto" else "cpu"
-        )
-    return rank, world, device
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Placement(rank, world, device)
 
 
-def build_model(
-    a: argparse.Namespace, info: data.DatasetInfo, device: torch.device
-) -> nn.Module:
+def on_rank0(place: Placement, decide: Callable[[], object]) -> object:
+    """decide() on rank 0, its result (or its UserError) sent to every rank, so no rank hangs."""
+    if place.world == 1:
+        return decide()
+    box = [None]
+    if place.rank == 0:
+        try:
+            box = [decide()]
+        except UserError as e:
+            box = [UserError(str(e))]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_model(a, info: data.DatasetInfo, device: torch.device) -> nn.Module:
     """The network the flags describe, on the device in the chosen memory layout (SyncBatchNorm
     under --sync-bn); ValueErrors from the model become user errors."""
     try:
         if a.dataset == "imagenet" and a.arch in DIRAC_ARCHS:
-            net = getattr(diracnet, a.arch)(num_classes=info.num_classes)
+            net = getattr(diracnet, a.arch)(num_classes=info.num_classes, version=a.dirac_version)
         elif a.dataset == "imagenet":
             net = getattr(densenet, a.arch)(
                 num_classes=info.num_classes, drop_rate=a.drop_rate,
@@ -244,7 +140,7 @@ def build_model(
             )  # fmt: skip
         elif a.model == "diracnet":
             net = diracnet.diracnet_cifar(
-                a.depth, a.width, info.num_classes, info.in_channels
+                a.depth, a.width, info.num_classes, info.in_channels, version=a.dirac_version
             )
         else:
             net = densenet.densenet_cifar(
@@ -260,12 +156,14 @@ def build_model(
     return net.to(device, memory_format=layout)
 
 
-def build_data(a: argparse.Namespace, rank: int, world: int, device: torch.device):
-    """(info, train batches, {"val"?: ..., "test": ...}); small datasets live on the device."""
+def build_data(a, place: Placement) -> tuple[data.DatasetInfo, data.BatchSource, dict]:
+    """(info, training batches, {"val"?: ..., "test": ...}); small datasets live on the device."""
+    rank, world, device = place.rank, place.world, place.device
     if a.dataset == "imagenet":
         info, train, val = data.imagenet(
             a.data_dir, a.batch_size, workers=a.workers, seed=a.seed, rank=rank,
-            world_size=world, ten_crop=a.ten_crop, device=device, channels_last=a.channels_last,
+            world_size=world, ten_crop=a.ten_crop, colour=a.colour_augment, device=device,
+            channels_last=a.channels_last,
         )  # fmt: skip
         return info, train, {"test": val}
     info = data.DATASETS[a.dataset]
@@ -274,20 +172,13 @@ def build_data(a: argparse.Namespace, rank: int, world: int, device: torch.devic
     first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"
     if world > 1 and not first_on_node:
         dist.barrier()
-    splits = data.load(a.dataset, a.data_dir, device, train_subset=a.train_subset)
+    splits = data.load(a.dataset, a.data_dir, device, train_subset=a.train_subset,
+                       val_split=a.val_split, seed=a.seed)  # fmt: skip
     if world > 1 and first_on_node:
         dist.barrier()
-    if a.dataset == "svhn":
-        mean = std = None  # the paper divides SVHN pixels by 255 and nothing more
-    else:
-        mean, std = data.channel_stats(splits["train"].images)
-    common = {
-        "mean": mean,
-        "std": std,
-        "rank": rank,
-        "world_size": world,
-        "channels_last": a.channels_last,
-    }
+    mean, std = data.normalisation(info, splits["train"])
+    common = {"mean": mean, "std": std, "rank": rank, "world_size": world,
+              "channels_last": a.channels_last}  # fmt: skip
     try:
         train = data.Batches(
             splits["train"], a.batch_size, train=True, augment=a.augment, crop_pad=info.crop_pad,
@@ -300,20 +191,19 @@ def build_data(a: argparse.Namespace, rank: int, world: int, device: torch.devic
         }
     except ValueError as e:
         raise UserError(str(e)) from None
-    if len(train) == 0:
-        raise UserError(
-            f"--batch-size {a.batch_size} exceeds the {len(splits['train'].images)} training images"
-        )
     return info, train, evals
 
 
-def build_optimizer(a: argparse.Namespace, model: nn.Module):
+def build_optimizer(a, model: nn.Module):
+    """SGD and the step schedule of the recipe; fused on CUDA (one kernel, and GradScaler
+    then unscales and checks for infs on the device, without a host sync)."""
     if a.model == "diracnet":  # decay on conv and linear weights only (official recipe)
         params = diracnet.weight_decay_groups(model, a.weight_decay)
     else:
         params = [{"params": list(model.parameters()), "weight_decay": a.weight_decay}]
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     try:  # SGD checks lr, momentum and weight decay itself
-        opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov)
+        opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov, **fused)
     except ValueError as e:
         raise UserError(f"{e} (--lr, --momentum, --weight-decay, --nesterov)") from None
     milestones = sorted({round(f * a.epochs) for f in a.milestones})
@@ -321,269 +211,286 @@ def build_optimizer(a: argparse.Namespace, model: nn.Module):
     return opt, sched
 
 
-# ----------------------------------------------------------------------------- main
+def wrap(net: nn.Module, a, place: Placement, train: data.BatchSource) -> nn.Module:
+    """The model the loop calls: net under DDP and torch.compile as asked; a compiler that
+    fails is reported in one line and the run continues eagerly."""
+    model = net
+    if place.world > 1:
+        ids = [place.device.index] if place.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    if not a.compile:
+        return model
+    model, failure = engine.compile_or_eager(model, net, a.compile_mode, train, a.amp, place.world)
+    if failure and place.rank == 0:
+        print(f"warning: torch.compile failed, training eagerly: {failure}", file=sys.stderr)
+    return model
 
 
-def start_or_resume(a: argparse.Namespace, given: set[str], save: Path) -> dict | None:
+# ----------------------------------------------------------------------------- run files
+
+
+def start_or_resume(given: dict, save: Path) -> dict | None:
     """The checkpoint to continue from, or None; refuses to touch an existing run otherwise."""
     latest = save / "latest.pt"
-    if not a.resume:
+    if "resume" not in given:
         if latest.exists() or (save / "log.csv").exists():
-            raise UserError(
-                f"{save} already holds a run: pass --resume to continue it, or --save another folder"
-            )
+            raise UserError(f"{save} already holds a run: pass --resume to continue it, or --save another folder")
         return None
-    ckpt = engine.load_checkpoint(latest)
+    ckpt = runstate.load_checkpoint(latest)
     old = ckpt["args"]
-    differ = [k for k in IDENTITY if k in given and getattr(a, k) != old.get(k)]
+    differ = [k for k in IDENTITY if k in given and given[k] != old.get(k, recipes.COMMON.get(k))]
     if differ:
-        what = ", ".join(
-            f"--{k} {getattr(a, k)} (checkpoint: {old.get(k)})" for k in differ
-        )
+        what = ", ".join(f"--{k.replace('_', '-')} {given[k]} (checkpoint: {old.get(k)})" for k in differ)
         raise UserError(f"--resume: {latest} is a different run: {what}")
     return ckpt
 
 
-def run_evaluate(
-    a: argparse.Namespace, given: set[str], rank: int, world: int, device
-) -> int:
-    """--evaluate: loss and error of a checkpoint (or torchvision weights) on the test set."""
-    state = None
-    if not a.evaluate and not a.pretrained:
-        raise UserError("--evaluate needs a CHECKPOINT, or --pretrained FILE")
-    if a.pretrained:
-        if a.dataset != "imagenet":
-            raise UserError(
-                "--pretrained takes torchvision ImageNet weights: add --dataset imagenet"
-            )
-    else:
-        ckpt = engine.load_checkpoint(a.evaluate)
-        adopt(
-            a,
-            {k: v for k, v in ckpt["args"].items() if k in IDENTITY + ("arch",)},
-            given,
-        )
-        state = ckpt["model"]
-    a = resolve(a, device)
-    info, _, evals = build_data(a, rank, world, device)
-    net = build_model(a, info, device)
+def make_run_folder(save: Path) -> list[Path]:
+    """Create save (and missing parents) and check that files can be written there; the
+    folders created, so that a refusal before training can remove them again."""
+    missing = [p for p in (save, *save.parents) if not p.exists()][::-1]
+    blocker = next((p for p in (save, *save.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"--save {save}: {blocker} is a file, not a folder")
     try:
-        if state is None:
-            densenet.load_torchvision_checkpoint(net, a.pretrained)
-        else:
-            net.load_state_dict(state)
-    except (ValueError, RuntimeError) as e:
-        raise UserError(
-            f"{a.pretrained or a.evaluate}: {str(e).splitlines()[0]}"
-        ) from None
-    top5 = logs_top5(a, info.num_classes)
-    for name, batches in evals.items():
-        row = engine.summarise(
-            engine.evaluate(net, batches, a.amp, top5, world), name, top5
-        )
-        if rank == 0:
-            print(" ".join(f"{k} {v:.4f}" for k, v in row.items()))
-    if a.export and rank == 0:
-        if a.model != "diracnet":
-            raise UserError(
-                "--export folds a DiracNet; this checkpoint holds a DenseNet"
-            )
-        folded = diracnet.fold(net.float().cpu().eval())
-        builder = (
-            a.arch
-            if a.dataset == "imagenet"
-            else f"diracnet_cifar({a.depth}, {a.width:g}, {info.num_classes}, {info.in_channels})"
-        )
-        rebuild = f"net = diracnet.fold(diracnet.{builder}); net.load_state_dict(torch.load(path)['state_dict'])"
-        engine.atomic_save(
-            {"state_dict": folded.state_dict(), "rebuild": rebuild}, Path(a.export)
-        )
-        print(f"wrote the folded network to {a.export}; rebuild with: {rebuild}")
+        save.mkdir(parents=True, exist_ok=True)
+        runstate.atomic_write(save / ".write-test", lambda f: f.write(b""))
+        (save / ".write-test").unlink()
+    except OSError as e:
+        remove_empty(missing)
+        raise UserError(f"--save {save}: cannot write there ({e.strerror or e})") from None
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this run created, deepest first, if they are still empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+class Reporter:
+    """Rank 0's outputs: the console, args.json, log.csv, TensorBoard and the figures."""
+
+    def __init__(self, save: Path, a, place: Placement, epochs_done: int) -> None:
+        self.save, self.on = save, place.rank == 0
+        self.tty = self.on and sys.stderr.isatty()
+        self.args = vars(a)
+        self.writer = None
+        if self.on:
+            runstate.trim_log(save / "log.csv", epochs_done)
+            meta = {"torch": torch.__version__, "device": str(place.device),
+                    "world_size": place.world, "host": recipes.host()}  # fmt: skip
+            text = json.dumps({**self.args, **meta}, indent=2) + "\n"
+            runstate.atomic_write(save / "args.json", lambda f: f.write(text), mode="w")
+            self.writer = tensorboard(save) if a.tensorboard else None
+        self.figures = plot.Background(save, enabled=a.plot and self.on)
+
+    def say(self, line: str) -> None:
+        if self.on:
+            print(line, flush=True)
+
+    def epoch(self, row: dict) -> None:
+        """One epoch's row: log.csv, the console, TensorBoard, then the figures."""
+        if self.on:
+            runstate.append_row(self.save / "log.csv", row)
+            self.say(" ".join(f"{k} {v:.4g}" for k, v in row.items()))
+            if self.writer:
+                for k, v in row.items():
+                    self.writer.add_scalar(k, v, row["epoch"])
+                self.writer.flush()
+        self.figures.refresh()
+
+
+def tensorboard(save: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs tensorboard: pip install tensorboard") from None
+    return SummaryWriter(save / "tb")
+
+
+def reported(save: Path) -> str:
+    """The closing line: the final epoch's test error (the paper's number) and, with a
+    validation split, the epoch best.pt holds and its test error."""
+    with (save / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    last = rows[-1]
+    line = f"final test error {float(last['test_err']):.2f}% (epoch {last['epoch']})"
+    if "val_err" in last:
+        best = min(rows, key=lambda r: float(r["val_err"]))
+        line += (f"; best.pt: epoch {best['epoch']}, lowest validation error "
+                 f"{float(best['val_err']):.2f}%, its test error {float(best['test_err']):.2f}%")  # fmt: skip
+    return line
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def logs_top5(a, num_classes: int) -> bool:
+    """Top-5 errors for 100+ classes, and always for ImageNet (the paper's metric)."""
+    return num_classes >= 100 or a.dataset == "imagenet"
+
+
+def fit(a, state: runstate.RunState, model: nn.Module, train: data.BatchSource, evals: dict,
+        out: Reporter, stop: engine.Stop, place: Placement, top5: bool) -> int:  # fmt: skip
+    """The epoch loop; returns 0, or 128 + signal number after saving a stopped run."""
+    save, world = Path(a.save), place.world
+    group = dist.new_group(backend="gloo") if world > 1 else None  # stop votes, on the CPU
+    while state.epoch < a.epochs:
+        # Train: the rest of this epoch (all of it unless resumed mid-epoch).
+        lr = state.optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        state.sums, state.step, signum = engine.train_epoch(
+            model, state.optimizer, state.scaler, train, state.sums, amp=a.amp, top5=top5,
+            start=state.step, stop=stop, group=group, progress=out.tty,
+        )  # fmt: skip
+        state.seconds += time.perf_counter() - t0
+        if not torch.isfinite(state.sums[0]):
+            kept = save / "latest.pt"
+            kept = f"{kept} holds the last good state" if kept.exists() else "nothing was saved"
+            raise UserError(f"the training loss became non-finite in epoch {state.epoch + 1}; {kept} (try a lower --lr)")
+        if signum:
+            state.save([save / "latest.pt"], out.args)
+            out.say(f"stopped by signal {signum} in epoch {state.epoch + 1} after step {state.step}; "
+                    f"saved {save}/latest.pt. Resume with the same command and --resume")  # fmt: skip
+            return 128 + signum
+        # Evaluate on every held-out split.
+        row = {"epoch": state.epoch + 1, "lr": lr}
+        row |= engine.summarise(engine.reduce(state.sums, world), "train", top5)
+        for name, batches in evals.items():
+            row |= engine.summarise(engine.evaluate(model, batches, a.amp, top5, world), name, top5)
+        row["seconds"] = state.seconds
+        # Schedule the next epoch's lr; DiracNet's official trainer makes a new optimizer
+        # at each drop, which restarts momentum.
+        state.scheduler.step()
+        if a.restart_momentum and state.optimizer.param_groups[0]["lr"] != lr:
+            state.optimizer.state.clear()
+        # Select on validation error only, never on test error.
+        improved = "val_err" in row and row["val_err"] < state.best
+        state.best = min(state.best, row.get("val_err", state.best))
+        state.next_epoch()
+        out.epoch(row)
+        state.save([save / "latest.pt"] + [save / "best.pt"] * improved, out.args)
+    out.figures.finish()
     return 0
 
 
-def run(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    given = {k for k, v in vars(a).items() if v is not None} - {"resume", "device"}
-    for key, value in DEFAULTS.items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
-    rank, world, device = setup_distributed(a.device)
-    if device.type == "cpu":
-        engine.keep_freed_memory()
-    a.tty = sys.stderr.isatty() and rank == 0
-    if a.evaluate is not None:
-        return run_evaluate(a, given, rank, world, device)
-    save = Path(a.save or resolve(argparse.Namespace(**vars(a)), device).save)
-    if world == 1:
-        ckpt = start_or_resume(a, given, save)
-    else:  # rank 0 decides and tells the others, errors included, so no rank hangs
-        box = [None]
-        if rank == 0:
-            try:
-                box = [start_or_resume(a, given, save)]
-            except UserError as e:
-                box = [str(e)]
-        dist.broadcast_object_list(box, src=0)
-        if isinstance(box[0], str):
-            raise UserError(box[0])
-        ckpt = box[0]
-    if ckpt is not None:
-        adopt(a, ckpt["args"], given)
-    a = resolve(a, device)
-    a.save = str(save)
-    torch.manual_seed(a.seed + rank)  # dropout differs per rank; data draws are shared
+# ----------------------------------------------------------------------------- commands
+
+
+def configure(given: dict, place: Placement) -> tuple:
+    """(settings, notes, checkpoint or None): the flags, the recipe, the device and a
+    resumed run's settings, resolved once; the run folder is checked, not yet created."""
+    save = recipes.run_folder(given)
+    ckpt = on_rank0(place, lambda: start_or_resume(given, save))
+    a, notes = recipes.resolve(given, recipes.probe(place.device), ckpt and ckpt["args"])
+    return a, notes, ckpt
+
+
+def build(a, place: Placement, ckpt: dict | None) -> tuple:
+    """(state, model, info, training batches, evaluation batches): the model is built and
+    checked before any data is read; the run folder exists once this returns."""
+    torch.manual_seed(a.seed + place.rank)  # dropout differs per rank; data draws are shared
     random.seed(a.seed)
     np.random.seed(a.seed)
-    info, train, evals = build_data(a, rank, world, device)
-    net = build_model(a, info, device)
-    opt, sched = build_optimizer(a, net)
-    scaler = torch.amp.GradScaler(device.type, enabled=a.amp == "fp16")
-    epoch, step, best, seconds = 0, 0, math.inf, 0.0
-    sums = torch.zeros(4, device=device)
+    small = data.DATASETS.get(a.dataset)
+    net = build_model(a, small, place.device) if small else None  # ImageNet counts classes
+    opt, sched = build_optimizer(a, net) if net else (None, None)
+    data.check_folder(Path(a.data_dir))
+    created = on_rank0(place, lambda: make_run_folder(Path(a.save)))
+    try:
+        info, train_batches, evals = build_data(a, place)
+    except (UserError, data.DataError):
+        if place.rank == 0:
+            remove_empty(created)
+        raise
+    if net is None:
+        net = build_model(a, info, place.device)
+        opt, sched = build_optimizer(a, net)
+    scaler = torch.amp.GradScaler(place.device.type, enabled=a.amp == "fp16")
+    state = runstate.RunState(net, opt, sched, scaler, train_batches.generator, place.rank, place.world)
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        epoch, step, best, seconds = (
-            ckpt["epoch"],
-            ckpt["step"],
-            ckpt["best"],
-            ckpt["seconds"],
-        )
-        # Each rank's random streams and partial-epoch metric sums; with another world
-        # size, rank 0 takes the totals and the first rank's streams.
-        ranks = ckpt["ranks"]
-        mine = ranks[rank] if len(ranks) == world else ranks[0]
-        engine.set_rng_state(mine["rng"])
-        sums = mine["sums"].to(device)
-        if len(ranks) != world:
-            sums = sum(r["sums"] for r in ranks).to(device) * (rank == 0)
-        train.generator.set_state(ckpt["data_rng"])
-    model = net
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    if a.compile:
-        model = torch.compile(model)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    log = save / "log.csv"
-    # what args.json and checkpoints hold
-    args = {k: v for k, v in vars(a).items() if k != "tty"}
-    writer = None
-    if rank == 0:
-        save.mkdir(parents=True, exist_ok=True)
-        engine.trim_log(log, epoch)
-        meta = {"torch": torch.__version__, "device": str(device), "world_size": world}
-        (save / "args.json").write_text(json.dumps({**args, **meta}, indent=2) + "\n")
-        if a.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(
-                    "--tensorboard needs tensorboard: pip install tensorboard"
-                ) from None
-            writer = SummaryWriter(save / "tb")
-        params = sum(p.numel() for p in net.parameters())
-        print(f"{save}: {run_name(a)} on {a.dataset}, {params:,} parameters, {device} x{world}, "
-              f"amp {a.amp}, epoch {epoch + 1} of {a.epochs}", flush=True)  # fmt: skip
-    figures = plot.Background(save, enabled=a.plot and rank == 0)
-    # Stop votes travel over gloo on the CPU, whatever backend the gradients use.
-    group = dist.new_group(backend="gloo") if world > 1 else None
-    stop = engine.Stop()
+        state.load_state_dict(ckpt)
+    return state, wrap(net, a, place, train_batches), info, train_batches, evals
+
+
+def train(given: dict, place: Placement) -> int:
+    """configure → build → restore → fit → finish."""
+    a, notes, ckpt = configure(given, place)
+    with engine.process_settings(place.device, a.deterministic) as stop:
+        state, model, info, train_batches, evals = build(a, place, ckpt)
+        out = Reporter(Path(a.save), a, place, state.epoch)
+        for note in notes:
+            out.say(f"note: {note}")
+        params = sum(p.numel() for p in state.model.parameters())
+        out.say(f"{a.save}: {recipes.run_name(vars(a))} on {a.dataset}, {params:,} parameters, "
+                f"{place.device} x{place.world}, amp {a.amp}, channels_last "
+                f"{'on' if a.channels_last else 'off'}, compile {a.compile_mode if a.compile else 'off'}, "
+                f"epoch {state.epoch + 1} of {a.epochs}")  # fmt: skip
+        top5 = logs_top5(a, info.num_classes)
+        code = fit(a, state, model, train_batches, evals, out, stop, place, top5)
+    if code == 0:
+        out.say(reported(Path(a.save)))
+    return code
+
+
+def evaluate(given: dict, place: Placement) -> int:
+    """--evaluate: loss and error of a checkpoint (or torchvision weights) on each held-out
+    split; --export also writes the folded DiracNet."""
+    if not given["evaluate"] and "pretrained" not in given:
+        raise UserError("--evaluate needs a CHECKPOINT, or --pretrained FILE")
+    old = None
+    if "pretrained" in given:
+        if given.get("dataset") != "imagenet":
+            raise UserError("--pretrained takes torchvision ImageNet weights: add --dataset imagenet")
+    else:
+        ckpt = runstate.load_checkpoint(given["evaluate"])
+        old = {k: v for k, v in ckpt["args"].items() if k in IDENTITY}
+    a, _ = recipes.resolve(given, recipes.probe(place.device), old)
+    info, _, evals = build_data(a, place)
+    net = build_model(a, info, place.device)
+    try:
+        if old is None:
+            densenet.load_torchvision_checkpoint(net, a.pretrained)
+        else:
+            net.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{a.pretrained if old is None else a.evaluate}: {str(e).splitlines()[0]}") from None
     top5 = logs_top5(a, info.num_classes)
-
-    def checkpoint(paths: list[Path]) -> None:
-        ranks = [{"rng": engine.rng_state(), "sums": sums.cpu()}] * world
-        if world > 1:
-            dist.all_gather_object(ranks, ranks[0])
-        if rank == 0:
-            state = {
-                "model": net.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "step": step, "best": best, "seconds": seconds, "ranks": ranks,
-                "data_rng": data_rng, "args": args,
-            }  # fmt: skip
-            for path in paths:
-                engine.atomic_save(state, path)
-
-    # Each epoch's draws come from data_rng: a mid-epoch resume redraws them and skips ahead.
-    data_rng = train.generator.get_state()
-    while epoch < a.epochs:
-        lr = opt.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        sums, step, signum = engine.train_epoch(
-            model, opt, scaler, train, sums, amp=a.amp, top5=top5, start=step, stop=stop,
-            group=group, progress=a.tty,
-        )  # fmt: skip
-        seconds += time.perf_counter() - t0
-        if not torch.isfinite(sums[0]):
-            kept = save / "latest.pt"
-            kept = (
-                f"{kept} holds the last good state"
-                if kept.exists()
-                else "nothing was saved"
-            )
-            raise UserError(
-                f"the training loss became non-finite in epoch {epoch + 1}; {kept} (try a lower --lr)"
-            )
-        if signum:
-            checkpoint([save / "latest.pt"])
-            if rank == 0:
-                print(f"stopped by signal {signum} in epoch {epoch + 1} after step {step}; "
-                      f"saved {save}/latest.pt. Resume with the same command and --resume", flush=True)  # fmt: skip
-            return 128 + signum
-        row = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            **engine.summarise(engine.reduce(sums, world), "train", top5),
-        }
-        for name, batches in evals.items():
-            row.update(
-                engine.summarise(
-                    engine.evaluate(model, batches, a.amp, top5, world), name, top5
-                )
-            )
-        row["seconds"] = seconds
-        sched.step()
-        epoch, step, seconds = epoch + 1, 0, 0.0
-        sums = torch.zeros(4, device=device)
-        data_rng = train.generator.get_state()
-        # SVHN picks its epoch on validation error; the others on test error.
-        score = row.get("val_err", row["test_err"])
-        improved, best = score < best, min(best, score)
-        if rank == 0:
-            engine.append_row(log, row)
-            print(" ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-            if writer:
-                for k, v in row.items():
-                    writer.add_scalar(k, v, epoch)
-                writer.flush()
-        checkpoint([save / "latest.pt"] + ([save / "best.pt"] if improved else []))
-        figures.refresh()
-    figures.finish()
-    if rank == 0:
-        print(
-            f"done: best {'val' if 'val' in evals else 'test'} error {best:.2f}% ({save}/best.pt)"
-        )
+    for name, batches in evals.items():
+        row = engine.summarise(engine.evaluate(net, batches, a.amp, top5, place.world), name, top5)
+        if place.rank == 0:
+            print(" ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    if "export" in given and place.rank == 0:
+        export(a, net, info)
     return 0
+
+
+def export(a, net: nn.Module, info: data.DatasetInfo) -> None:
+    """Write the folded DiracNet and print how to rebuild it."""
+    if a.model != "diracnet":
+        raise UserError("--export folds a DiracNet; this checkpoint holds a DenseNet")
+    folded = diracnet.fold(net.float().cpu().eval())
+    version = "" if a.dirac_version == 2 else ", version=1"
+    builder = (f"{a.arch}(num_classes={info.num_classes}{version})" if a.dataset == "imagenet" else
+               f"diracnet_cifar({a.depth}, {a.width:g}, {info.num_classes}, {info.in_channels}{version})")  # fmt: skip
+    rebuild = f"net = diracnet.fold(diracnet.{builder}); net.load_state_dict(torch.load(path)['state_dict'])"
+    runstate.atomic_save({"state_dict": folded.state_dict(), "rebuild": rebuild}, Path(a.export))
+    print(f"wrote the folded network to {a.export}; rebuild with: {rebuild}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    # Denormal floats (tiny weights and gradients late in training, common with bf16) send
-    # CPU kernels down a path ~50x slower; flushing them to zero costs no accuracy.
-    torch.set_flush_denormal(True)
+    """Run the command; a user error is one line on stderr (exit 2; 1 for data)."""
     try:
-        code = run(argv)
-    except (UserError, data.DataError, engine.CheckpointError) as e:
+        given = recipes.parse_args(argv, __doc__)
+        place = setup_distributed(given.get("device", "auto"))
+        code = evaluate(given, place) if "evaluate" in given else train(given, place)
+    except (UserError, data.DataError, runstate.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1 if isinstance(e, data.DataError) else 2
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
     if dist.is_initialized():
         dist.destroy_process_group()
     return code

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from test_densenet import saved_bytes  # the measurement the linear-memory test uses
+sys.path.insert(0, str(ROOT))
 
 import densenet
+from engine import saved_activation_bytes  # the linear-memory test's measure
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     print("| depth | plain MiB | memory_efficient MiB | ratio |\n|---|---|---|---|")
     for depth in (40, 70, 100, 160, 250):
         plain, lean = (
-            saved_bytes(densenet.densenet_cifar(depth, a.growth, memory_efficient=e), x)
+            saved_activation_bytes(densenet.densenet_cifar(depth, a.growth, memory_efficient=e), x)
             / 2**20
             for e in (False, True)
         )

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import synthetic
 import torch
 import torchvision
 
 import densenet
+import synthetic
 import train
 
 ROOT = Path(__file__).resolve().parent.parent

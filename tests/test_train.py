@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import synthetic
 import torch
 from torchvision import datasets
 
+import synthetic
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--depth", "10", "--growth", "4", "--batch-size", "32", "--no-plot"]
+# --device cpu: "auto" on a machine with a CUDA build of torch and no GPU adds a warning line
+TINY = ["--depth", "10", "--growth", "4", "--batch-size", "32", "--device", "cpu", "--no-plot"]
 BASE_COLUMNS = [
     "epoch",
     "lr",
@@ -93,7 +94,11 @@ def test_each_dataset_trains_and_logs(tmp_path, register_md5, capsys, name):
     assert args["augment"] == (name != "svhn") and args["drop_rate"] == (
         0.2 if name == "svhn" else 0.0
     )
-    assert {"latest.pt", "best.pt"} <= {p.name for p in save.iterdir()}
+    files = {p.name for p in save.iterdir()}
+    # best.pt is chosen on validation error only: SVHN has a validation set, the others not
+    assert "latest.pt" in files and ("best.pt" in files) == (name == "svhn")
+    last = log.iloc[-1]
+    assert f"final test error {last.test_err:.2f}% (epoch 2)" in out
 
 
 def test_default_save_folder_and_paper_recipe(tmp_path, monkeypatch, capsys):
@@ -110,6 +115,8 @@ def test_default_save_folder_and_paper_recipe(tmp_path, monkeypatch, capsys):
             "--epochs",
             1,
             "--no-plot",
+            "--device",
+            "cpu",
         ],
         capsys,
     )
@@ -164,35 +171,64 @@ def mnist_run(tmp_path: Path, n_train: int = 64) -> tuple[list[str], Path]:
     ], save
 
 
-def test_refusals_are_one_line_errors(tmp_path, capsys):
-    argv, save = mnist_run(tmp_path)
-    assert run([*argv, "--epochs", 1], capsys)[0] == 0
-    cases = [
-        (
-            [*argv, "--epochs", 2],
-            "already holds a run",
-        ),  # never overwrite a user's results
-        ([*argv, "--resume", "--depth", 16], "--depth 16 (checkpoint: 10)"),
-        (
-            [*argv, "--resume", "--dataset", "fashion-mnist"],
-            "--dataset fashion-mnist (checkpoint: mnist)",
-        ),
-        (
-            [*argv, "--save", tmp_path / "new", "--depth", 11],
-            "nearest valid depths: 10 and 16",
-        ),
-        ([*argv, "--save", tmp_path / "new", "--sync-bn"], "--sync-bn needs CUDA"),
-        (
-            [*argv, "--save", tmp_path / "new", "--arch", "densenet121"],
-            "--arch is for --dataset imagenet",
-        ),
-        ([*argv, "--save", tmp_path / "none", "--resume"], "does not exist"),
-        ([*argv, "--save", tmp_path / "new", "--lr", -1], "Invalid learning rate"),
-    ]
-    for case, message in cases:
-        code, _, err = run(case, capsys)
-        assert code == 2 and message in err and err.count("\n") == 1, err
-    assert len(pd.read_csv(save / "log.csv")) == 1  # nothing was touched
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[list[str], Path]:
+    """A one-epoch MNIST run that the refusal tests must leave as it is."""
+    argv, save = mnist_run(tmp_path_factory.mktemp("finished"))
+    assert train.main([*argv, "--epochs", "1"]) == 0
+    return argv, save
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# (extra flags, part of the message, exit code); {new} is a folder that must not appear,
+# {file} a regular file.
+REFUSALS = {
+    "existing run": (["--epochs", 2], "already holds a run", 2),
+    "other depth": (["--resume", "--depth", 16], "--depth 16 (checkpoint: 10)", 2),
+    "other dataset": (["--resume", "--dataset", "fashion-mnist"], "--dataset fashion-mnist (checkpoint: mnist)", 2),
+    "bad depth": (["--save", "{new}", "--depth", 11], "nearest valid depths: 10 and 16", 2),
+    "sync-bn on CPU": (["--save", "{new}", "--sync-bn"], "--sync-bn needs CUDA", 2),
+    "arch without imagenet": (["--save", "{new}", "--arch", "densenet121"], "--arch is for --dataset imagenet", 2),
+    "resume nothing": (["--save", "{new}", "--resume"], "does not exist", 2),
+    "negative lr": (["--save", "{new}", "--lr", -1], "Invalid learning rate", 2),
+    "unknown device": (["--save", "{new}", "--device", "foo"], "--device foo: expected auto, cpu, cuda", 2),
+    "cuda device not there": (["--save", "{new}", "--device", "cuda:7"], "--device cuda:7: ", 2),
+    "fp16 on CPU": (["--save", "{new}", "--amp", "fp16"], "--amp fp16 needs a GPU", 2),
+    "bad milestone": (["--save", "{new}", "--milestones", 1.5], "fractions of the epochs", 2),
+    "bad flag value": (["--save", "{new}", "--compile-mode", "fast"], "invalid choice: 'fast'", 2),
+    "unknown flag": (["--save", "{new}", "--grwoth", 12], "unrecognized arguments: --grwoth", 2),
+    "negative val-split": (["--save", "{new}", "--val-split", -3], "--val-split must be 0", 2),
+    "save inside a file": (["--save", "{file}/run"], "is a file, not a folder", 2),
+    "save unwritable": (["--save", "/proc/densenet-run"], "cannot write there", 2),
+    "data-dir is a file": (["--save", "{new}", "--data-dir", "{file}"], "is a file, not a folder", 1),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refusal_is_one_line_and_touches_nothing(finished_run, tmp_path, capsys, case):
+    argv, save = finished_run
+    extra, message, expected = REFUSALS[case]
+    (tmp_path / "a-file").write_text("not a folder")
+    subs = {"{new}": str(tmp_path / "new"), "{file}": str(tmp_path / "a-file")}
+    extra = [str(x) for x in extra]
+    extra = [next((x.replace(k, v) for k, v in subs.items() if k in x), x) for x in extra]
+    before = snapshot(save)
+    code, out, err = run([*argv, *extra], capsys)
+    assert code == expected and message in err, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert snapshot(save) == before and not (tmp_path / "new").exists()
+    assert not Path("/proc/densenet-run").exists()
+
+
+def test_model_flags_are_checked_before_the_data(tmp_path, capsys):
+    """A bad depth is reported, offline, without reading or creating the data folder."""
+    code, _, err = run(["--data-dir", tmp_path / "data", "--save", tmp_path / "r", "--depth", 41,
+                        "--device", "cpu"], capsys)  # fmt: skip
+    assert code == 2 and "depth 41 does not fit DenseNet-BC" in err and err.count("\n") == 1
+    assert not (tmp_path / "data").exists() and not (tmp_path / "r").exists()
 
 
 def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
@@ -216,22 +252,13 @@ def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
 def test_missing_data_is_one_line_error(tmp_path, closed_url, monkeypatch, capsys):
     monkeypatch.setattr(datasets.MNIST, "mirrors", [closed_url])
     code, _, err = run(
-        [
-            "--dataset",
-            "mnist",
-            "--data-dir",
-            tmp_path / "nothing",
-            "--save",
-            tmp_path / "r",
-        ],
+        ["--dataset", "mnist", "--data-dir", tmp_path / "nothing", "--save", tmp_path / "r",
+         "--device", "cpu"],
         capsys,
-    )
+    )  # fmt: skip
     assert code == 1 and err.count("\n") == 1
-    assert (
-        "not found in" in err
-        and "http://yann.lecun.com" in err
-        or "mnist" in err.lower()
-    )
+    assert "MNIST not found in" in err
+    assert "http://yann.lecun.com/exdb/mnist/" in err
     assert not (tmp_path / "r").exists()
 
 
@@ -292,9 +319,9 @@ def test_resume_after_a_clean_stop_is_bit_exact(tmp_path, capsys):
     assert_same_run(ref, save)
 
 
-def subprocess_train(argv: list[str]) -> subprocess.Popen:
+def subprocess_train(argv: list[str], env: dict | None = None) -> subprocess.Popen:
     # One thread each: bit-exact comparisons need the same thread count in every run.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *argv],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -327,11 +354,12 @@ def test_evaluate_prints_loss_and_error(tmp_path, capsys):
     argv, save = mnist_run(tmp_path)
     assert run([*argv, "--epochs", 1], capsys)[0] == 0
     code, out, _ = run(
-        ["--evaluate", save / "best.pt", "--data-dir", tmp_path / "data"], capsys
+        ["--evaluate", save / "latest.pt", "--data-dir", tmp_path / "data", "--device", "cpu"],
+        capsys,
     )
     assert code == 0
     logged = pd.read_csv(save / "log.csv").iloc[-1]
-    printed = dict(zip(out.split()[::2], map(float, out.split()[1::2])))
+    printed = dict(zip(out.split()[::2], map(float, out.split()[1::2]), strict=True))
     assert printed["test_err"] == pytest.approx(logged.test_err, abs=1e-3)
     assert printed["test_loss"] == pytest.approx(logged.test_loss, rel=1e-3)
 
@@ -349,6 +377,8 @@ def test_diracnet_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
         "--width",
         0.25,
         "--no-plot",
+        "--device",
+        "cpu",
     ]
     assert run([*argv, "--epochs", 1], capsys)[0] == 0
     save = tmp_path / "work/fashion-mnist.diracnet-10-0.25"
@@ -370,7 +400,8 @@ def test_diracnet_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
     assert run([*argv, "--epochs", 2, "--resume"], capsys)[0] == 0
     assert len(pd.read_csv(save / "log.csv")) == 2
     code, out, _ = run(
-        ["--evaluate", save / "latest.pt", "--export", tmp_path / "folded.pt"], capsys
+        ["--evaluate", save / "latest.pt", "--export", tmp_path / "folded.pt", "--device", "cpu"],
+        capsys,
     )
     assert code == 0 and "rebuild with" in out
     folded = torch.load(tmp_path / "folded.pt", weights_only=True)
@@ -432,3 +463,213 @@ def test_keep_freed_memory_keeps_large_blocks_for_reuse(mode):
         assert released < 2**20
     else:
         assert released > 200 * 2**20
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_every_flag_says_what_it_does_and_its_default():
+    for action in train.recipes.parser()._actions:
+        if action.dest != "help":
+            assert action.help and "(default: " in action.help, action.option_strings
+
+
+def test_help_defaults_come_from_the_recipes():
+    helps = {a.dest: a.help for a in train.recipes.parser()._actions}
+    assert "(default: 300; svhn, mnist, fashion-mnist: 40; imagenet" in helps["epochs"]
+    assert "diracnet: 200; diracnet imagenet: 100)" in helps["epochs"]
+    assert "(default: 64; imagenet, diracnet imagenet: 256; diracnet: 128)" in helps["batch_size"]
+
+
+CAPABILITY_CASES = [
+    (train.recipes.Capabilities("cuda", True, True), {"amp": "bf16", "channels_last": True, "compile": True}),
+    (train.recipes.Capabilities("cuda", False, True), {"amp": "fp16", "channels_last": True, "compile": True}),
+    (train.recipes.Capabilities("cuda", False, False), {"amp": "fp16", "channels_last": True, "compile": False}),
+    (train.recipes.Capabilities("cpu", True, True), {"amp": "bf16", "channels_last": True, "compile": False}),
+    (train.recipes.Capabilities("cpu", False, True), {"amp": "off", "channels_last": True, "compile": False}),
+    (train.recipes.Capabilities("mps", False, False), {"amp": "off", "channels_last": False, "compile": False}),
+]
+
+
+@pytest.mark.parametrize(("caps", "expected"), CAPABILITY_CASES)
+def test_fast_path_defaults_follow_the_device(caps, expected):
+    assert train.recipes.device_defaults(caps) == expected
+    a, _ = train.recipes.resolve({"dataset": "mnist"}, caps)
+    assert {k: getattr(a, k) for k in expected} == expected
+
+
+def test_this_cpu_is_probed_from_its_flags():
+    """Native bf16 exactly when /proc/cpuinfo lists AVX512-BF16 or AMX-BF16."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    caps = train.recipes.probe(torch.device("cpu"))
+    assert caps.native_bf16 == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def test_the_run_records_its_fast_paths(tmp_path, capsys):
+    argv, save = mnist_run(tmp_path)
+    code, out, _ = run([*argv, "--epochs", 1], capsys)
+    caps = train.recipes.probe(torch.device("cpu"))
+    amp = train.recipes.device_defaults(caps)["amp"]
+    args = json.loads((save / "args.json").read_text())
+    assert code == 0 and args["amp"] == amp and args["channels_last"] is True
+    assert f"amp {amp}, channels_last on, compile off" in out
+
+
+def test_sync_bn_turns_compile_off_with_a_note():
+    caps = train.recipes.Capabilities("cuda", True, True)
+    a, notes = train.recipes.resolve({"sync_bn": True}, caps)
+    assert a.compile is False and len(notes) == 1 and "SyncBatchNorm" in notes[0]
+
+
+def test_devices():
+    assert train.select_device("auto", 1, 0) == torch.device("cpu")  # no GPU, no MPS here
+    assert train.select_device("cpu", 2, 1) == torch.device("cpu")
+    for flag, message in [("foo", "expected auto, cpu"), ("cuda", "no usable CUDA"),
+                          ("mps", "MPS is not available"), ("meta", "runs on cpu, cuda or mps")]:  # fmt: skip
+        with pytest.raises(train.UserError, match=message):
+            train.select_device(flag, 1, 0)
+    with pytest.raises(train.UserError, match="torchrun needs cuda or cpu"):
+        train.select_device("mps", 2, 0)
+
+
+def test_a_cuda_build_without_a_gpu_says_why():
+    reason = train.cuda_unusable_reason()
+    assert (reason is None) == (torch.version.cuda is None or torch.cuda.is_available())
+    if reason is not None:
+        assert "\n" not in reason and reason
+
+
+# ----------------------------------------------------------------------------- run state
+
+
+def tiny_state(seed: int) -> "train.runstate.RunState":
+    torch.manual_seed(seed)
+    net = train.densenet.densenet_cifar(10, 4, in_channels=1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train.runstate.RunState(net, opt, sched, scaler, torch.Generator().manual_seed(seed))
+
+
+def test_run_state_round_trips(tmp_path):
+    a = tiny_state(0)
+    train.engine.train_step(a.model, a.optimizer, a.scaler, torch.randn(4, 1, 28, 28),
+                            torch.tensor([0, 1, 2, 3]), "off")  # fmt: skip
+    a.scheduler.step()
+    a.epoch, a.step, a.best, a.seconds = 3, 7, 12.5, 4.25
+    a.sums += torch.tensor([1.0, 2.0, 3.0, 4.0])
+    torch.randint(0, 10, (5,), generator=a.data_generator)
+    a.data_rng = a.data_generator.get_state()
+    train.runstate.atomic_save(a.state_dict(), tmp_path / "s.pt")
+    b = tiny_state(1)
+    b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert (b.epoch, b.step, b.best, b.seconds) == (3, 7, 12.5, 4.25)
+    assert torch.equal(b.sums, a.sums) and torch.equal(b.data_generator.get_state(), a.data_rng)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"]) for k in sa)
+    assert b.scheduler.state_dict() == a.scheduler.state_dict()
+    assert torch.equal(torch.get_rng_state(), train.runstate.rng_state()["torch"])
+
+
+def test_other_checkpoint_formats(tmp_path, capsys):
+    argv, save = mnist_run(tmp_path)
+    assert run([*argv, "--epochs", 1], capsys)[0] == 0
+    ckpt = torch.load(save / "latest.pt", weights_only=True)
+    assert ckpt["format"] == train.runstate.FORMAT
+    torch.save({**ckpt, "format": 99}, save / "latest.pt")
+    code, _, err = run([*argv, "--resume", "--epochs", 2], capsys)
+    assert code == 2 and "checkpoint format 99; this train.py reads formats 1, 2" in err
+    assert err.count("\n") == 1
+    # format 1, written before checkpoints carried a version, still resumes
+    legacy = {k: v for k, v in ckpt.items() if k != "format"}
+    legacy["ranks"] = [{**r, "rng": {k: v for k, v in r["rng"].items() if k != "mps"}} for r in ckpt["ranks"]]
+    torch.save(legacy, save / "latest.pt")
+    assert run([*argv, "--resume", "--epochs", 2], capsys)[0] == 0
+    assert list(pd.read_csv(save / "log.csv").epoch) == [1, 2]
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def test_val_split_chooses_best_pt_and_the_test_error_is_reported(tmp_path, capsys):
+    argv, save = mnist_run(tmp_path, n_train=128)
+    code, out, _ = run([*argv, "--epochs", 3, "--val-split", 32, "--lr", 0.5], capsys)
+    assert code == 0
+    log = pd.read_csv(save / "log.csv")
+    assert {"val_loss", "val_err"} <= set(log.columns)
+    best = log.loc[log.val_err.idxmin()]
+    assert torch.load(save / "best.pt", weights_only=True)["epoch"] == int(best.epoch)
+    last = log.iloc[-1]
+    closing = out.strip().splitlines()[-1]
+    assert closing.startswith(f"final test error {last.test_err:.2f}% (epoch 3)")
+    assert f"best.pt: epoch {int(best.epoch)}, lowest validation error {best.val_err:.2f}%" in closing
+    assert f"its test error {best.test_err:.2f}%" in closing
+
+
+def test_diracnet_restarts_momentum_at_each_lr_drop(tmp_path, capsys):
+    synthetic.make_mnist(tmp_path / "data", "mnist", n_train=64, n_test=32)
+    argv = ["--model", "diracnet", "--dataset", "mnist", "--data-dir", tmp_path / "data",
+            "--depth", 10, "--width", 0.25, "--batch-size", 32, "--epochs", 2,
+            "--milestones", 0.9, "--no-plot", "--device", "cpu"]  # fmt: skip
+    for flag, cleared in [("--restart-momentum", True), ("--no-restart-momentum", False)]:
+        save = tmp_path / flag
+        assert run([*argv, flag, "--save", save], capsys)[0] == 0
+        ckpt = torch.load(save / "latest.pt", weights_only=True)
+        assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.02)  # dropped
+        assert (ckpt["optimizer"]["state"] == {}) == cleared
+    args = json.loads((tmp_path / "--restart-momentum" / "args.json").read_text())
+    a, _ = train.recipes.resolve({"model": "diracnet"}, train.recipes.probe(torch.device("cpu")))
+    assert args["restart_momentum"] and a.restart_momentum  # the official trainer's default
+
+
+# ----------------------------------------------------------------------------- robustness
+
+
+def test_a_failing_compiler_falls_back_to_eager_losing_nothing(tmp_path):
+    """A C++ compiler that does not exist makes torch.compile fail on its first graph: the
+    run warns once and then trains exactly as an eager run does."""
+    argv, _ = mnist_run(tmp_path)
+    argv = [*argv, "--epochs", "1", "--drop-rate", "0.1"]
+    eager = subprocess_train([*argv, "--save", str(tmp_path / "eager")])
+    assert eager.wait(timeout=300) == 0
+    env = {"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    broken = subprocess_train([*argv, "--save", str(tmp_path / "broken"), "--compile"], env)
+    _, err = broken.communicate(timeout=600)
+    assert broken.returncode == 0, err
+    assert err.count("warning: torch.compile failed, training eagerly") == 1, err
+    assert_same_run(tmp_path / "eager", tmp_path / "broken")
+
+
+def test_deterministic_flag_reaches_the_process_and_is_restored(tmp_path, capsys):
+    argv, save = mnist_run(tmp_path)
+    assert run([*argv, "--epochs", 1, "--deterministic"], capsys)[0] == 0
+    assert json.loads((save / "args.json").read_text())["deterministic"] is True
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+    with train.engine.process_settings(torch.device("cpu"), deterministic=True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+
+
+WITHOUT_MALLOPT = """
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import train  # torch and torchvision load their libraries with ctypes first
+def no_libc(*args, **kwargs):  # as on Windows, where CDLL(None) raises TypeError
+    raise TypeError("expected str, bytes or os.PathLike object, not NoneType")
+ctypes.CDLL = no_libc
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def test_training_runs_where_glibc_mallopt_is_missing(tmp_path):
+    argv, save = mnist_run(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_MALLOPT, str(ROOT), *argv, "--epochs", "1"],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(pd.read_csv(save / "log.csv")) == 1
+    assert train.engine.keep_freed_memory(False) == sys.platform.startswith("linux")

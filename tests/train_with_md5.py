@@ -9,9 +9,9 @@ import sys
 import types
 from pathlib import Path
 
-import synthetic
 from torchvision import datasets
 
+import synthetic
 import train
 
 if __name__ == "__main__":

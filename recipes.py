@@ -1,0 +1,375 @@
+"""train.py's settings from one source: the published recipes as data, the device's
+capabilities, a resumed run's settings and the user's flags, merged once by resolve().
+
+Precedence, lowest first: COMMON, the recipe of the model and dataset, the device's fast
+paths, the rules that derive one setting from another, the checkpoint's settings on
+--resume, and last the flags the user typed.
+"""
+
+import argparse
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import data
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+IMAGENET_ARCHS = ("densenet121", "densenet169", "densenet201", "densenet161", "densenet264")
+DIRAC_ARCHS = ("diracnet18", "diracnet34")
+# Flags whose change makes a checkpoint a different experiment: refused on --resume.
+IDENTITY = (
+    "dataset", "model", "dirac_version", "arch", "depth", "growth", "bottleneck",
+    "compression", "width",
+)  # fmt: skip
+# Flags that describe this invocation, not the run: never taken from a checkpoint.
+INVOCATION = ("resume", "device", "evaluate", "pretrained", "export", "save")
+
+# Settings no recipe changes.
+COMMON = {
+    "model": "densenet", "dataset": "cifar10", "dirac_version": 2, "data_dir": "data",
+    "seed": 0, "memory_efficient": False, "ten_crop": False, "sync_bn": False,
+    "tensorboard": False, "plot": True, "val_split": 0, "deterministic": False,
+    "compile_mode": "default", "workers": 8,
+}  # fmt: skip
+
+# Milestones are fractions of the epochs after which the lr drops (MultiStepLR counts
+# epochs from 0). Where the authors' code decides, the fractions reproduce its epochs:
+# - liuzhuang13/DenseNet train.lua drops when `epoch >= 0.5 * nEpochs`, counting epochs
+#   from 1, so the new lr starts after 149 and 224 of 300 epochs (not 150 and 225);
+# - its ImageNet rule floor((epoch - 1) / 30) starts it after 30 and 60 of 90 epochs;
+# - szagoruyko/diracnets lowers the lr in on_start_epoch when `epoch + 1` is in
+#   epoch_step, epoch being the epochs done: after 59, 119, 159 of 200 (ImageNet: 29, 59, 89
+#   of 100), and makes a new optimizer each time, which restarts momentum.
+# The paper's CIFAR recipe (Sec. 4.2), also used for SVHN and (Fashion-)MNIST.
+DENSENET_SMALL = {
+    "depth": 100, "growth": 12, "bottleneck": True, "batch_size": 64, "epochs": 300,
+    "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4,
+    "milestones": [149 / 300, 224 / 300], "gamma": 0.1, "augment": True, "pad_mode": "constant",
+}  # fmt: skip
+# The Lua code has no SVHN (nor MNIST): the paper's text, lr / 10 at 50 % and 75 %.
+PAPER_SHORT = {"epochs": 40, "milestones": [0.5, 0.75]}
+# szagoruyko/diracnets' official CIFAR recipe, v2 release: weight decay on conv and linear
+# weights only (diracnet.weight_decay_groups decides per version), reflect padding.
+DIRACNET_SMALL = {
+    "depth": 34, "width": 1.0, "batch_size": 128, "epochs": 200, "lr": 0.1, "momentum": 0.9,
+    "nesterov": False, "weight_decay": 5e-4, "milestones": [59 / 200, 119 / 200, 159 / 200],
+    "gamma": 0.2, "augment": True, "pad_mode": "reflect", "drop_rate": 0.0,
+}  # fmt: skip
+# Paper Sec. 4.2 with the authors' fb.resnet.torch setup: colour jitter and PCA lighting.
+DENSENET_IMAGENET = {
+    "arch": "densenet121", "batch_size": 256, "epochs": 90, "lr": 0.1, "momentum": 0.9,
+    "nesterov": True, "weight_decay": 1e-4, "milestones": [1 / 3, 2 / 3], "gamma": 0.1,
+    "augment": True, "drop_rate": 0.0, "colour_augment": True,
+}  # fmt: skip
+# szagoruyko/diracnets' README command: --batchSize 256 --epoch_step [30,60,90] --epochs 100
+# --weightDecay 0.0001 --lr_decay_ratio 0.1; random-sized crop and flip only, no Nesterov.
+DIRACNET_IMAGENET = {
+    "arch": "diracnet18", "batch_size": 256, "epochs": 100, "lr": 0.1, "momentum": 0.9,
+    "nesterov": False, "weight_decay": 1e-4, "milestones": [29 / 100, 59 / 100, 89 / 100],
+    "gamma": 0.1, "augment": True, "drop_rate": 0.0, "colour_augment": False,
+}  # fmt: skip
+
+# RECIPES[model][dataset]; "*" is every dataset the model has no entry for.
+RECIPES: dict[str, dict[str, dict]] = {
+    "densenet": {
+        "*": DENSENET_SMALL,
+        "svhn": {**DENSENET_SMALL, **PAPER_SHORT, "augment": False},  # paper Sec. 4.2
+        "mnist": {**DENSENET_SMALL, **PAPER_SHORT},  # not in the paper: our short schedule
+        "fashion-mnist": {**DENSENET_SMALL, **PAPER_SHORT},
+        "imagenet": DENSENET_IMAGENET,
+    },
+    "diracnet": {
+        "*": DIRACNET_SMALL,
+        "svhn": {**DIRACNET_SMALL, "augment": False},
+        "imagenet": DIRACNET_IMAGENET,
+    },
+    # The first release (v1 branch): the same schedule; cv2.BORDER_REFLECT padding, which
+    # repeats the edge pixel (torchvision's "symmetric").
+    "diracnet-v1": {
+        "*": {**DIRACNET_SMALL, "pad_mode": "symmetric"},
+        "svhn": {**DIRACNET_SMALL, "augment": False},
+        "imagenet": DIRACNET_IMAGENET,
+    },
+}
+
+
+def recipe(model: str, dataset: str, dirac_version: int = 2) -> dict:
+    """The published recipe for this model (and DiracNet release) and dataset."""
+    table = RECIPES["diracnet-v1" if model == "diracnet" and dirac_version == 1 else model]
+    return dict(table.get(dataset, table["*"]))
+
+
+# ------------------------------------------------------------------ device capabilities
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What decides the fast paths on a device."""
+
+    device_type: str  # "cuda", "mps" or "cpu"
+    native_bf16: bool  # bf16 arithmetic in hardware, not emulated
+    compiles: bool  # torch.compile's default backend generates code for this device
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX on x86; without them oneDNN emulates bf16, several times slower
+    than fp32 (DenseNet-BC-100-12 trained at 3.0 img/s against 18.5 on an AVX2 host)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def probe(device: torch.device) -> Capabilities:
+    """The capabilities of a device this process can use."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        try:  # is_bf16_supported() alone is True on pre-Ampere GPUs, which emulate bf16
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4
+            native = major >= 8
+        return Capabilities("cuda", native, compiles=major >= 7)  # Triton needs sm70+
+    if device.type == "cpu":
+        return Capabilities("cpu", cpu_has_native_bf16(), compiles=True)
+    return Capabilities(device.type, False, compiles=False)
+
+
+def device_defaults(caps: Capabilities) -> dict:
+    """The fast paths a device gets by default: a pure function of its capabilities.
+
+    CUDA: bf16 where native, else fp16 with a GradScaler; channels_last; compiled where
+    Triton runs. CPU: bf16 only where native (else fp32); channels_last; eager (compiling
+    takes minutes on few cores and was slower, README). MPS: fp32, NCHW, eager (README).
+    """
+    if caps.device_type == "cuda":
+        amp = "bf16" if caps.native_bf16 else "fp16"
+        return {"amp": amp, "channels_last": True, "compile": caps.compiles}
+    if caps.device_type == "cpu":
+        amp = "bf16" if caps.native_bf16 else "off"
+        return {"amp": amp, "channels_last": True, "compile": False}
+    return {"amp": "off", "channels_last": False, "compile": False}
+
+
+# Representative devices, for --help.
+EXAMPLE_DEVICES = {
+    "CUDA sm80+": Capabilities("cuda", True, True),
+    "older CUDA": Capabilities("cuda", False, True),
+    "CPU with AVX512-BF16/AMX": Capabilities("cpu", True, True),
+    "other CPUs": Capabilities("cpu", False, True),
+    "MPS": Capabilities("mps", False, False),
+}
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_text, value)) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _describe(values: dict[str, object], name_first: bool = False) -> str:
+    """"A; p, q: B" from {place: value}: the first place's value, then the exceptions."""
+    groups: dict[str, list[str]] = {}
+    for place, value in values.items():
+        groups.setdefault(_text(value), []).append(place)
+    (first, places), *rest = groups.items()
+    first = f"{first} ({', '.join(places)})" if name_first and rest else first
+    return "; ".join([first, *(f"{', '.join(p)}: {v}" for v, p in rest)])
+
+
+def recipe_default(key: str) -> str:
+    """A flag's default across the recipes, e.g. "300; svhn, mnist: 40; diracnet: 200"."""
+    values = {}
+    for model, table in RECIPES.items():
+        if key in table["*"]:
+            values[model] = table["*"][key]
+        for dataset, r in table.items():
+            if dataset != "*" and key in r and r[key] != table["*"].get(key):
+                values[dataset if model == "densenet" else f"{model} {dataset}"] = r[key]
+        if model == "diracnet-v1":  # name the first release only where it differs
+            v2 = RECIPES["diracnet"]
+            for dataset, r in table.items():
+                if r.get(key) == v2.get(dataset, v2["*"]).get(key):
+                    values.pop(model if dataset == "*" else f"{model} {dataset}", None)
+    return _describe(values) if values else _text(COMMON.get(key))
+
+
+def device_default(key: str) -> str:
+    """A device-dependent flag's default on each kind of device."""
+    values = {name: device_defaults(c)[key] for name, c in EXAMPLE_DEVICES.items()}
+    return _describe(values, name_first=True)
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is a UserError: one line, not argparse's usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (train.py --help lists the flags)")
+
+
+def parser(description: str = "") -> argparse.ArgumentParser:
+    """train.py's flags; every default shown comes from the tables above."""
+    p = _Parser(
+        prog="train.py", description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    on_off, true = argparse.BooleanOptionalAction, "store_true"
+
+    def add(group, flag, *, key=None, device=False, **kw):
+        key = key or flag[2:].replace("-", "_")
+        default = device_default(key) if device else recipe_default(key)
+        kw["help"] = f"{kw.pop('help')} (default: {kw.pop('shown', default)})"
+        group.add_argument(flag, dest=key, default=None, **kw)
+
+    m = p.add_argument_group("model")
+    add(m, "--model", choices=tuple(RECIPES), help="network family")
+    add(m, "--dirac-version", type=int, choices=(1, 2), help="DiracNet release (1: NCReLU)")
+    add(m, "--arch", choices=IMAGENET_ARCHS + DIRAC_ARCHS, help="ImageNet network")
+    add(m, "--depth", type=int, help="network depth L")
+    add(m, "--growth", type=int, help="growth rate k")
+    add(m, "--bottleneck", action=on_off, help="1x1 bottleneck before each 3x3 conv (DenseNet-B)")
+    add(m, "--compression", type=float, help="theta of the transitions", shown="0.5 with bottleneck, else 1")
+    add(m, "--width", type=float, help="DiracNet width multiplier")
+    add(m, "--drop-rate", type=float, help="dropout after each conv",
+        shown="0.2 without augmentation, else 0 (paper Sec. 4.2)")
+    add(m, "--memory-efficient", action=true, help="recompute in backward: memory linear in depth")
+    d = p.add_argument_group("data")
+    add(d, "--dataset", choices=(*data.DATASETS, "imagenet"), help="dataset")
+    add(d, "--data-dir", help="dataset folder")
+    add(d, "--augment", action=on_off, help="random crop (+ flip where allowed)")
+    add(d, "--val-split", type=int, metavar="N",
+        help="hold out N training images to choose best.pt (SVHN has its own 6,000)")
+    add(d, "--train-subset", type=int, metavar="N", help="train on the first N images", shown="all")
+    add(d, "--workers", type=int, help="ImageNet DataLoader workers per process")
+    add(d, "--ten-crop", action=true, help="ImageNet 10-crop evaluation")
+    o = p.add_argument_group("optimisation")
+    add(o, "--batch-size", type=int, help="GLOBAL batch, split over torchrun ranks")
+    add(o, "--epochs", type=int, help="training epochs")
+    add(o, "--lr", type=float, help="initial learning rate")
+    add(o, "--momentum", type=float, help="SGD momentum")
+    add(o, "--nesterov", action=on_off, help="Nesterov momentum")
+    add(o, "--weight-decay", type=float, help="L2 weight decay")
+    add(o, "--milestones", type=float, nargs="+", help="lr drops, as fractions of the epochs")
+    add(o, "--gamma", type=float, help="lr factor at each milestone")
+    add(o, "--restart-momentum", action=on_off,
+        help="clear SGD momentum at each lr drop", shown="on for diracnet (its official trainer), else off")
+    add(o, "--seed", type=int, help="random seed")
+    f = p.add_argument_group("speed (defaults depend on the device)")
+    add(f, "--amp", choices=("off", "bf16", "fp16"), device=True, help="autocast dtype")
+    add(f, "--channels-last", action=on_off, device=True, help="NHWC memory layout")
+    add(f, "--compile", action=on_off, device=True, help="torch.compile the model")
+    add(f, "--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+        help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    add(f, "--sync-bn", action=true, help="SyncBatchNorm over ranks (CUDA; turns off --compile)")
+    add(f, "--deterministic", action=true, help="deterministic kernels, no cuDNN autotuning")
+    r = p.add_argument_group("run")
+    add(r, "--save", help="run folder", shown="work/<dataset>.<model name>")
+    add(r, "--device", help="auto, cpu, cuda, cuda:N or mps", shown="auto: cuda, then mps, then cpu")
+    add(r, "--resume", action=true, help="continue from <save>/latest.pt", shown="off")
+    add(r, "--evaluate", metavar="CHECKPOINT", nargs="?", const="",
+        help="evaluate a checkpoint (or --pretrained weights), no training", shown="off")
+    add(r, "--pretrained", metavar="FILE", help="with --evaluate: torchvision weights", shown="none")
+    add(r, "--export", metavar="OUT", help="with --evaluate: write the folded DiracNet", shown="none")
+    add(r, "--tensorboard", action=true, help="also log to <save>/tb")
+    add(r, "--plot", action=on_off, help="redraw the figures after each epoch")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, description: str = "") -> dict:
+    """The flags the user typed, as {key: value}; the ones left out are absent."""
+    flags = vars(parser(description).parse_args(argv))
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- resolve
+
+
+def identity(given: dict) -> dict:
+    """The identity flags (IDENTITY) of a run: given, else the recipe's."""
+    base = {**COMMON, **given}
+    s = {**COMMON, **recipe(base["model"], base["dataset"], base["dirac_version"]), **given}
+    if s.get("arch") in DIRAC_ARCHS:
+        s["model"] = "diracnet"
+    s.setdefault("compression", 0.5 if s.get("bottleneck") else 1.0)
+    return {k: s.get(k) for k in IDENTITY}
+
+
+def run_name(s: dict) -> str:
+    """The model's name in the paper's terms, e.g. densenet-bc-100-12, diracnet-34-2."""
+    if s["dataset"] == "imagenet":
+        return s["arch"]
+    if s["model"] == "diracnet":
+        version = "" if s["dirac_version"] == 2 else "-v1"
+        return f"diracnet{version}-{s['depth']}-{s['width']:g}"
+    bc = "-bc" if s["bottleneck"] and s["compression"] < 1 else ""
+    return f"densenet{bc}-{s['depth']}-{s['growth']}"
+
+
+def run_folder(given: dict) -> Path:
+    """--save, else work/<dataset>.<model name>."""
+    if "save" in given:
+        return Path(given["save"])
+    s = identity(given)
+    return Path("work") / f"{s['dataset']}.{run_name(s)}"
+
+
+def resolve(
+    given: dict, caps: Capabilities, old: dict | None = None
+) -> tuple[argparse.Namespace, list[str]]:
+    """Every setting of the run, and notes on choices made for the user (one line each)."""
+    old = {k: v for k, v in (old or {}).items() if k not in INVOCATION}
+    typed = {**old, **given}
+    if typed.get("arch") in DIRAC_ARCHS:
+        typed.setdefault("model", "diracnet")
+    base = {**COMMON, **typed}
+    r = recipe(base["model"], base["dataset"], base["dirac_version"])
+    s = {**COMMON, **r, **device_defaults(caps), **typed}
+    notes = []
+    # Rules: one setting derived from another, unless given or resumed.
+    s.setdefault("compression", 0.5 if s.get("bottleneck") else 1.0)
+    s.setdefault("drop_rate", 0.0 if s["augment"] else 0.2)  # paper: dropout only without
+    s.setdefault("restart_momentum", s["model"] == "diracnet")
+    if s["sync_bn"] and s["compile"]:
+        notes.append("--sync-bn: compile is off (SyncBatchNorm syncs with the host and breaks graphs)")
+        s["compile"] = False
+    s["save"] = str(run_folder(given))
+    _check(s, caps)
+    unset = {action.dest: None for action in parser()._actions if action.dest != "help"}
+    return argparse.Namespace(**{**unset, **s}), notes
+
+
+def _check(s: dict, caps: Capabilities) -> None:
+    """Refuse combinations that cannot run, before any data or model is touched."""
+    if s.get("arch") and s["dataset"] != "imagenet":
+        raise UserError("--arch is for --dataset imagenet; use --depth/--growth/--width otherwise")
+    if s["sync_bn"] and caps.device_type != "cuda":
+        raise UserError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)")
+    if s["amp"] == "fp16" and caps.device_type == "cpu":
+        raise UserError("--amp fp16 needs a GPU; use --amp bf16 (or off) on the CPU")
+    for name in ("batch_size", "epochs", "depth", "growth", "train_subset"):
+        if s.get(name) is not None and s[name] <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if s["workers"] < 0:
+        raise UserError("--workers must be 0 (load in the main process) or more")
+    if s["val_split"] < 0:
+        raise UserError("--val-split must be 0 (none) or more images")
+    if s["val_split"] and s["dataset"] in ("svhn", "imagenet"):
+        raise UserError(f"--val-split: {s['dataset']} has its own validation split")
+    if not all(0 < m < 1 for m in s["milestones"]):
+        raise UserError("--milestones are fractions of the epochs, each in (0, 1)")
+
+
+def host() -> str:
+    """This machine in a few words, for the start line and args.json."""
+    return f"{platform.system()} {platform.machine()}"

@@ -1,0 +1,190 @@
+"""What a run keeps: RunState (everything a checkpoint holds, with state_dict() and
+load_state_dict()), the checkpoint file format, every random stream, atomic writes and
+the CSV log. A kill at any instant leaves each file old or new, never half-written."""
+
+import math
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import densenet
+
+# Version 2 added "format" and the MPS random state; version 1 (no "format" key, written
+# before 2026-12) holds the same fields otherwise, so both are read.
+FORMAT = 2
+READS = (1, 2)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line for the user."""
+
+
+# ----------------------------------------------------------------------- random streams
+
+
+def rng_state() -> dict:
+    """Every random stream of this process except the data generator's."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:
+    """Temp file in the same folder, write(f), fsync, rename: the old file or the new."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A train.py checkpoint, or a one-line CheckpointError saying what is wrong."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = densenet.load_file(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(ckpt, dict) or not {"model", "args", "epoch"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a train.py checkpoint (a foreign or raw state_dict?)")
+    version = ckpt.get("format", 1)
+    if version not in READS:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version!r}; this train.py reads formats "
+            f"{', '.join(map(str, READS))} (was it written by a newer version?)"
+        )
+    return ckpt
+
+
+def trim_log(path: Path, epochs_done: int) -> None:
+    """Drop log rows past the checkpoint (a kill between the log write and the save)."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= epochs_done]
+        if keep != lines:
+            atomic_write(path, lambda f: f.writelines(keep), mode="w")
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One whole line per write, flushed: pandas can read the log at any moment."""
+    header = "" if path.exists() else ",".join(row) + "\n"
+    values = ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values())
+    with path.open("a") as f:
+        f.write(header + values + "\n")
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class RunState:
+    """Everything that a resumed run needs to continue bit for bit: the only owner of
+    the model's weights, the optimizer, the schedule, the counters and the random streams.
+
+    Under torchrun state_dict() is collective: every rank's RNG and metric sums are kept.
+    """
+
+    model: nn.Module  # unwrapped (no DDP, no torch.compile)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    data_generator: torch.Generator  # draws each training epoch's order and augmentation
+    rank: int = 0
+    world: int = 1
+    epoch: int = 0  # epochs done
+    step: int = 0  # steps done in the current epoch
+    best: float = math.inf  # lowest validation error so far (inf without validation)
+    seconds: float = 0.0  # training time of the current epoch
+    sums: torch.Tensor = field(default=None)  # this epoch's metric sums (engine.metrics)
+    data_rng: torch.Tensor = field(default=None)  # data_generator's state at epoch start
+
+    def __post_init__(self) -> None:
+        self.sums = self.zero_sums()
+        self.data_rng = self.data_generator.get_state()
+
+    def zero_sums(self) -> torch.Tensor:
+        return torch.zeros(4, device=next(self.model.parameters()).device)
+
+    def next_epoch(self) -> None:
+        """The current epoch is done: counters and sums start again."""
+        self.epoch, self.step, self.seconds = self.epoch + 1, 0, 0.0
+        self.sums = self.zero_sums()
+        self.data_rng = self.data_generator.get_state()
+
+    def state_dict(self) -> dict:
+        """The checkpoint's contents (collective under torchrun)."""
+        ranks = [{"rng": rng_state(), "sums": self.sums.cpu()}] * self.world
+        if self.world > 1:
+            dist.all_gather_object(ranks, ranks[0])
+        return {
+            "format": FORMAT, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
+            "best": self.best, "seconds": self.seconds, "ranks": ranks, "data_rng": self.data_rng,
+        }  # fmt: skip
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        """Continue from a checkpoint; with another world size, rank 0 takes the metric
+        totals and every rank the first rank's random streams."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.best, self.seconds = ckpt["best"], ckpt["seconds"]
+        ranks = ckpt["ranks"]
+        same_world = len(ranks) == self.world
+        set_rng_state(ranks[self.rank if same_world else 0]["rng"])
+        device = self.sums.device
+        if same_world:
+            self.sums = ranks[self.rank]["sums"].to(device)
+        else:
+            self.sums = sum(r["sums"] for r in ranks).to(device) * (self.rank == 0)
+        self.data_rng = ckpt["data_rng"]
+        self.data_generator.set_state(self.data_rng)
+
+    def save(self, paths: list[Path], args: dict) -> None:
+        """Write the checkpoint to each path (rank 0 writes; every rank must call this)."""
+        state = {**self.state_dict(), "args": args}
+        if self.rank == 0:
+            for path in paths:
+                atomic_save(state, path)
