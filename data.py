@@ -282,8 +282,8 @@ class Batches(BatchSource):
         channels_last: bool = False,
     ) -> None:
         _check_ranks(batch_size, rank, world_size)
-        if pad_mode not in ("constant", "reflect"):
-            raise ValueError(f"pad_mode {pad_mode!r} is not 'constant' or 'reflect'")
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode {pad_mode!r} is not one of {', '.join(PAD_MODES)}")
         if augment and not train:
             raise ValueError("augmentation is for training batches only")
         self.images, self.labels = split.images, split.labels
@@ -341,7 +341,7 @@ class Batches(BatchSource):
                 # Normalise first, so zero padding is the mean colour, as fb.resnet.torch
                 # (which the authors' Lua code uses) pads; then pad the batch once and
                 # gather all the crops in one indexing op.
-                x = F.pad(x, [self.crop_pad] * 4, mode=self.pad_mode)
+                x = pad(x, self.crop_pad, self.pad_mode)
                 hi = lo + self.local
                 x = x[self.n_axis, self.c_axis, rows[lo:hi], cols[lo:hi]]
             yield self._layout(x), self.labels[index]
@@ -365,6 +365,19 @@ class Batches(BatchSource):
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=layout)
+
+
+PAD_MODES = ("constant", "reflect", "symmetric")
+
+
+def pad(x: torch.Tensor, width: int, mode: str) -> torch.Tensor:
+    """Pad the last two dimensions by width: "constant" (zeros), "reflect" (the edge pixel
+    once) or "symmetric" (the edge pixel repeated: cv2.BORDER_REFLECT, which DiracNet v1
+    pads with; F.pad has no such mode)."""
+    if mode != "symmetric":
+        return F.pad(x, [width] * 4, mode=mode)
+    x = torch.cat([x[..., :width].flip(-1), x, x[..., -width:].flip(-1)], -1)
+    return torch.cat([x[..., :width, :].flip(-2), x, x[..., -width:, :].flip(-2)], -2)
 
 
 def batches_per_epoch(n: int, batch_size: int, train: bool) -> int:
@@ -493,17 +506,20 @@ class Loader(BatchSource):
             yield x, y.to(self.device, non_blocking=True)
 
 
-def imagenet_transforms(ten_crop: bool = False) -> tuple[T.Compose, T.Compose]:
-    """(training, validation) transforms of fb.resnet.torch's datasets/imagenet.lua.
+def imagenet_transforms(
+    ten_crop: bool = False, colour: bool = True
+) -> tuple[T.Compose, T.Compose]:
+    """(training, validation) transforms of fb.resnet.torch's datasets/imagenet.lua;
+    colour=False leaves out its colour jitter and PCA lighting (DiracNet's recipe).
 
     Resizing is bicubic, as there: datasets/transforms.lua's Scale defaults to 'bicubic' and
     RandomSizedCrop resizes its crop with image.scale(out, size, size, 'bicubic').
     """
     bicubic = T.InterpolationMode.BICUBIC
     normalise = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
+    jitter = [T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)] * colour
     crop = T.RandomResizedCrop(224, interpolation=bicubic)
-    augment = [crop, T.RandomHorizontalFlip(), jitter, T.ToTensor(), Lighting(), normalise]
+    augment = [crop, T.RandomHorizontalFlip(), *jitter, T.ToTensor(), *[Lighting()] * colour, normalise]
     resize = T.Resize(256, interpolation=bicubic)
     if ten_crop:
         return T.Compose(augment), T.Compose([resize, T.TenCrop(224), _StackCrops()])
@@ -519,6 +535,7 @@ def imagenet(
     rank: int = 0,
     world_size: int = 1,
     ten_crop: bool = False,
+    colour: bool = True,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
 ) -> tuple[DatasetInfo, Loader, Loader]:
@@ -538,7 +555,7 @@ def imagenet(
         raise DataError(f"ImageNet not found: {layout} ({e}); {IMAGENET_URL}") from e
     if train_folder.classes != val_folder.classes:
         raise DataError(f"ImageNet's train/ and val/ differ in classes; {layout}")
-    train_transform, val_transform = imagenet_transforms(ten_crop)
+    train_transform, val_transform = imagenet_transforms(ten_crop, colour)
     val_shape = (10, 3, 224, 224) if ten_crop else (3, 224, 224)
     kw = {"workers": workers, "seed": seed, "rank": rank, "world_size": world_size}
     kw |= {"device": device, "channels_last": channels_last}

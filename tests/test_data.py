@@ -261,8 +261,10 @@ def test_eval_covers_every_image_once_with_constant_shape(world_size):
 
 
 def find_crops(out: torch.Tensor, image: torch.Tensor, pad: int, mode: str) -> set:
-    """Every (dy, dx, flipped) whose crop of the padded image equals `out` (slow, simple)."""
-    padded = F.pad(image.float()[None], (pad, pad, pad, pad), mode=mode)[0]
+    """Every (dy, dx, flipped) whose crop of the padded image equals `out` (slow, simple);
+    numpy.pad names the same three modes and is the independent reference."""
+    widths = ((0, 0), (pad, pad), (pad, pad))
+    padded = torch.from_numpy(np.pad(image.float().numpy(), widths, mode=mode))
     found = set()
     for dy, dx, flipped in itertools.product(range(2 * pad + 1), range(2 * pad + 1), (0, 1)):
         crop = padded[:, dy : dy + SIZE, dx : dx + SIZE]
@@ -271,7 +273,7 @@ def find_crops(out: torch.Tensor, image: torch.Tensor, pad: int, mode: str) -> s
     return found
 
 
-@pytest.mark.parametrize("mode", ["constant", "reflect"])
+@pytest.mark.parametrize("mode", ["constant", "reflect", "symmetric"])
 @pytest.mark.parametrize("flip", [False, True])
 def test_augmentation_gives_real_crops(mode, flip):
     split = toy_split()
@@ -286,6 +288,15 @@ def test_augmentation_gives_real_crops(mode, flip):
     flips = {m[2] for m in matches}
     assert flips == ({0, 1} if flip else {0})
     assert len({m[:2] for m in matches}) > 10  # rows and columns shift independently
+
+
+def test_diracnet_imagenet_recipe_has_no_colour_augmentation():
+    train, _ = data.imagenet_transforms(colour=False)
+    kinds = [type(t) for t in train.transforms]
+    assert T.ColorJitter not in kinds and data.Lighting not in kinds
+    assert T.RandomResizedCrop in kinds and T.RandomHorizontalFlip in kinds
+    train, _ = data.imagenet_transforms()
+    assert {T.ColorJitter, data.Lighting} <= {type(t) for t in train.transforms}
 
 
 def test_constant_padding_is_the_mean_colour():
