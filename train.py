@@ -206,7 +206,8 @@ def build_optimizer(a, model: nn.Module):
         opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov, **fused)
     except ValueError as e:
         raise UserError(f"{e} (--lr, --momentum, --weight-decay, --nesterov)") from None
-    milestones = sorted({round(f * a.epochs) for f in a.milestones})
+    # at least one epoch at the initial lr, however short the run
+    milestones = sorted({max(1, round(f * a.epochs)) for f in a.milestones})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=a.gamma)
     return opt, sched
 
