@@ -1,5 +1,6 @@
 """train.py end to end on tiny synthetic datasets in torchvision's real on-disk formats."""
 
+import argparse
 import json
 import os
 import signal
@@ -673,3 +674,40 @@ def test_training_runs_where_glibc_mallopt_is_missing(tmp_path):
     assert done.returncode == 0, done.stderr
     assert len(pd.read_csv(save / "log.csv")) == 1
     assert train.engine.keep_freed_memory(False) == sys.platform.startswith("linux")
+
+
+def lr_drops(given: dict) -> tuple[list[int], "argparse.Namespace"]:
+    """The 0-indexed epochs that start at a lower lr under the resolved recipe."""
+    a, _ = train.recipes.resolve(given, train.recipes.Capabilities("cpu", False, True))
+    net = torch.nn.Linear(2, 2)
+    opt, sched = train.build_optimizer(a, net)
+    drops, lr = [], opt.param_groups[0]["lr"]
+    for epoch in range(a.epochs):
+        if opt.param_groups[0]["lr"] != lr:
+            drops.append(epoch)
+            lr = opt.param_groups[0]["lr"]
+        sched.step()
+    return drops, a
+
+
+# The official code's schedules, counted from 0 (see recipes.py for the lines that decide):
+# liuzhuang13/DenseNet `epoch >= 0.5 * nEpochs` with epochs counted from 1; its ImageNet
+# floor((epoch - 1) / 30); szagoruyko/diracnets `epoch + 1 in epoch_step`.
+OFFICIAL = [
+    ({"dataset": "cifar10"}, [149, 224], {"batch_size": 64, "nesterov": True, "weight_decay": 1e-4, "gamma": 0.1}),
+    ({"dataset": "imagenet"}, [30, 60], {"batch_size": 256, "nesterov": True, "colour_augment": True}),
+    ({"model": "diracnet"}, [59, 119, 159], {"batch_size": 128, "nesterov": False, "weight_decay": 5e-4,
+                                             "gamma": 0.2, "pad_mode": "reflect", "restart_momentum": True}),
+    ({"model": "diracnet", "dirac_version": 1}, [59, 119, 159], {"pad_mode": "symmetric", "gamma": 0.2}),
+    ({"dataset": "imagenet", "arch": "diracnet18"}, [29, 59, 89],
+     {"epochs": 100, "batch_size": 256, "nesterov": False, "weight_decay": 1e-4, "gamma": 0.1,
+      "colour_augment": False, "restart_momentum": True}),
+    ({"dataset": "svhn"}, [20, 30], {"epochs": 40, "augment": False, "drop_rate": 0.2}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("given", "drops", "settings"), OFFICIAL)
+def test_recipes_follow_the_official_code(given, drops, settings):
+    found, a = lr_drops(given)
+    assert found == drops
+    assert {k: getattr(a, k) for k in settings} == settings
