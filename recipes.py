@@ -224,7 +224,6 @@ def parser(description: str = "") -> argparse.ArgumentParser:
         prog="train.py", description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    on_off, true = argparse.BooleanOptionalAction, "store_true"
 
     def add(group, flag, *, key=None, device=False, **kw):
         key = key or flag[2:].replace("-", "_")
@@ -232,6 +231,15 @@ def parser(description: str = "") -> argparse.ArgumentParser:
         kw["help"] = f"{kw.pop('help')} (default: {kw.pop('shown', default)})"
         group.add_argument(flag, dest=key, default=None, **kw)
 
+    _model_and_data_flags(p, add)
+    _training_and_run_flags(p, add)
+    return p
+
+
+def _model_and_data_flags(p: argparse.ArgumentParser, add) -> None:
+    """The model and data groups of flags."""
+    true = "store_true"
+    on_off = argparse.BooleanOptionalAction
     m = p.add_argument_group("model")
     add(m, "--model", choices=tuple(RECIPES), help="network family")
     add(m, "--dirac-version", type=int, choices=(1, 2), help="DiracNet release (1: NCReLU)")
@@ -253,6 +261,12 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     add(d, "--train-subset", type=int, metavar="N", help="train on the first N images", shown="all")
     add(d, "--workers", type=int, help="ImageNet DataLoader workers per process")
     add(d, "--ten-crop", action=true, help="ImageNet 10-crop evaluation")
+
+
+def _training_and_run_flags(p: argparse.ArgumentParser, add) -> None:
+    """The optimisation, speed and run groups of flags."""
+    true = "store_true"
+    on_off = argparse.BooleanOptionalAction
     o = p.add_argument_group("optimisation")
     add(o, "--batch-size", type=int, help="GLOBAL batch, split over torchrun ranks")
     add(o, "--epochs", type=int, help="training epochs")
@@ -283,7 +297,6 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     add(r, "--export", metavar="OUT", help="with --evaluate: write the folded DiracNet", shown="none")
     add(r, "--tensorboard", action=true, help="also log to <save>/tb")
     add(r, "--plot", action=on_off, help="redraw the figures after each epoch")
-    return p
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> dict:

@@ -356,7 +356,7 @@ def fit(a, state: runstate.RunState, model: nn.Module, train: data.BatchSource, 
         if signum:
             state.save([save / "latest.pt"], out.args)
             out.say(f"stopped by signal {signum} in epoch {state.epoch + 1} after step {state.step}; "
-                    f"saved {save}/latest.pt. Resume with the same command and --resume")  # fmt: skip
+                    f"saved {save / 'latest.pt'}. Resume with the same command and --resume")  # fmt: skip
             return 128 + signum
         # Evaluate on every held-out split.
         row = {"epoch": state.epoch + 1, "lr": lr}

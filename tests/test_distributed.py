@@ -88,8 +88,9 @@ def test_ddp_log_equals_one_process_log(tmp_path):
     # One image repeated with random labels: every batch, global or per rank, has the same
     # BatchNorm statistics, so two ranks of 16 must train exactly like one process of 32.
     data, md5 = cifar(tmp_path, n_train=128, n_test=40, same_image=True)
+    # --val-split: the held-out images are the same for any world size
     argv = ["--dataset", "cifar10", "--data-dir", data, "--batch-size", 32, "--epochs", 2, "--no-augment",
-            "--drop-rate", 0, *TINY]  # fmt: skip
+            "--drop-rate", 0, "--val-split", 32, *TINY]  # fmt: skip
     finish(launch(md5, [*argv, "--save", tmp_path / "ddp"]))
     finish(launch(md5, [*argv, "--save", tmp_path / "one"], nproc=0))
     ddp, one = (
@@ -97,6 +98,7 @@ def test_ddp_log_equals_one_process_log(tmp_path):
         for d in ("ddp", "one")
     )
     pd.testing.assert_frame_equal(ddp, one, rtol=1e-4)
+    assert "val_err" in ddp.columns and (tmp_path / "ddp" / "best.pt").exists()
     assert ddp.train_loss.iloc[0] != ddp.train_loss.iloc[1]  # it did learn something
 
 
@@ -108,8 +110,9 @@ def worker_pids(pid: int) -> list[int]:
 def test_sigterm_on_one_rank_stops_all_at_the_same_step(tmp_path):
     data, md5 = cifar(tmp_path, n_train=1600, n_test=40)  # 50 global steps per epoch
     save = tmp_path / "run"
+    # with a validation split, which a resume must hold out again
     argv = ["--dataset", "cifar10", "--data-dir", data, "--save", save, "--batch-size", 32,
-            "--epochs", 2, "--drop-rate", 0.1, *TINY]  # fmt: skip
+            "--epochs", 2, "--drop-rate", 0.1, "--val-split", 96, *TINY]  # fmt: skip
     ref = launch(md5, [*argv, "--save", tmp_path / "ref"])
     finish(ref)
     proc = launch(md5, argv)
