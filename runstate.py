@@ -187,4 +187,7 @@ class RunState:
         state = {**self.state_dict(), "args": args}
         if self.rank == 0:
             for path in paths:
-                atomic_save(state, path)
+                try:
+                    atomic_save(state, path)
+                except OSError as e:  # the folder removed or the disk full mid-run
+                    raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None

@@ -433,7 +433,7 @@ def train(given: dict, place: Placement) -> int:
                 f"epoch {state.epoch + 1} of {a.epochs}")  # fmt: skip
         top5 = logs_top5(a, info.num_classes)
         code = fit(a, state, model, train_batches, evals, out, stop, place, top5)
-    if code == 0:
+    if code == 0 and place.rank == 0:  # the log is on rank 0's machine
         out.say(reported(Path(a.save)))
     return code
 

@@ -711,3 +711,9 @@ def test_recipes_follow_the_official_code(given, drops, settings):
     found, a = lr_drops(given)
     assert found == drops
     assert {k: getattr(a, k) for k in settings} == settings
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):
+    state = tiny_state(0)
+    with pytest.raises(train.runstate.CheckpointError, match="cannot write .*latest.pt: No such file"):
+        state.save([tmp_path / "gone" / "latest.pt"], {})
