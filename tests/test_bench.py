@@ -2,8 +2,11 @@
 FLOP counts match independent formulas. Numerical checks only, no timings."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ from torch import nn
 
 import bench
 import engine
+import gpucheck
+import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"model", "batch", "mode", "img_per_s", "peak_mem_bytes", "speedup_vs_naive",
@@ -20,44 +25,99 @@ KEYS = {"model", "batch", "mode", "img_per_s", "peak_mem_bytes", "speedup_vs_nai
 CPU = torch.device("cpu")
 
 
-def test_quick_run_writes_json_and_table(tmp_path: Path):
-    out, table = tmp_path / "bench.json", tmp_path / "bench.md"
-    cmd = [sys.executable, "bench.py", "--quick", "--models", "tiny", "--device", "cpu",
-           "--threads", "1", "--out", str(out), "--markdown", str(table)]  # fmt: skip
-    done = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+def run_bench(args: list, env: dict | None = None, timeout: int = 900):
+    """bench.py in a subprocess on one CPU thread, as a user runs it."""
+    cmd = [sys.executable, "bench.py", "--device", "cpu", "--threads", "1", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False
     )
+
+
+def test_quick_run_writes_json_and_table(tmp_path: Path):
+    table = tmp_path / "bench.md"
+    # --out a folder: the usual file name inside it
+    done = run_bench(["--quick", "--models", "tiny", "--out", tmp_path, "--markdown", table])
     assert done.returncode == 0, done.stderr
-    result = json.loads(out.read_text())
+    result = json.loads((tmp_path / "bench-cpu.json").read_text())
     machine, records = result["machine"], result["records"]
     assert {"device", "cpu", "cores", "torch", "date", "command", "peak_flops",
             "memory_measure"} <= machine.keys()  # fmt: skip
-    assert machine["device"] == "cpu" and machine["command"].startswith(
-        "python bench.py"
-    )
-    assert [r["mode"] for r in records] == [
-        "naive", "+channels_last", "+amp", "memory_efficient", "memory_efficient-naive"
-    ]  # fmt: skip
+    assert machine["device"] == "cpu" and machine["command"].startswith("python bench.py")
+    names = [r["mode"] for r in records]
+    shared = bench.has_shared_stats()
+    speed = ["naive", *["naive-plain-bn"] * shared, "+channels_last", "+amp"]
+    assert names[: len(speed) + 2] == speed + ["memory_efficient", "memory_efficient-naive"]
+    assert len(names) == len(speed) + 2 + shared
     for r in records:
-        assert KEYS <= r.keys()
+        assert r.keys() >= KEYS
         assert r["model"] == "tiny" and r["batch"] == 16
         for key in KEYS - {"model", "batch", "mode"}:
             assert r[key] > 0, (r["mode"], key)
         assert 0 < r["frac_of_peak"] < 1
     assert records[0]["speedup_vs_naive"] == 1 and records[0]["mem_vs_naive"] == 1
-    assert records[-2]["settings"].endswith("memory_efficient")
-    assert records[-1]["settings"] == "NCHW, fp32, eager, memory_efficient"
+    efficient = records[len(speed)]["settings"]
+    assert efficient.endswith(", memory_efficient")
+    assert records[len(speed) + 1]["settings"] == "NCHW, fp32, eager, memory_efficient"
     text = table.read_text()
-    assert (
-        text.startswith("`python bench.py --quick") and "| tiny | 16 | naive |" in text
-    )
+    assert text.startswith("`python bench.py --device cpu") and "| tiny | 16 | naive |" in text
     assert text in done.stdout
+    if shared:  # the fastest mode again with plain per-layer BN, and its ratio in the table
+        assert records[1]["settings"] == "NCHW, fp32, eager, plain BN"
+        plain = records[-1]["settings"]
+        assert plain == efficient.replace("memory_efficient", "plain BN")
+        assert "shared BN statistics against plain per-layer BN (NCHW, fp32, eager)" in text
+
+
+def test_peers_beside_ours_and_no_resource_module(tmp_path: Path):
+    """torchvision's densenet121 in the same modes as ours, with our ratio to it; on a
+    platform without the resource module (Windows, simulated) it still measures, memory
+    marked unmeasured in one line."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['resource'] = None\n")
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--warmup", "1", "--steps", "2", "--models", "densenet121", "--size",
+            "64", "--batch", "2", "--modes", "naive", "memory_efficient", "--out", out]  # fmt: skip
+    done = run_bench(args, env={"PYTHONPATH": str(site)})
+    assert done.returncode == 0, done.stderr
+    assert f"note: {bench.NO_CPU_MEMORY}" in done.stderr.splitlines()
+    result = json.loads(out.read_text())
+    rows = {(r["model"], r["mode"]): r for r in result["records"]}
+    peers = bench.peers("densenet121")
+    assert set(rows) == {(m, mode) for m in ["densenet121", *peers]
+                         for mode in ("naive", "memory_efficient")}  # fmt: skip
+    assert all(r["img_per_s"] > 0 and r["peak_mem_bytes"] is None for r in rows.values())
+    ratios = {(r["peer"], r["mode"]): r for r in result["peers"]}
+    assert set(ratios) == {(p, mode) for p in peers for mode in ("naive", "memory_efficient")}
+    for (peer, mode), r in ratios.items():
+        ours, theirs = rows["densenet121", mode], rows[peer, mode]
+        assert r["speed_ratio"] == ours["img_per_s"] / theirs["img_per_s"]
+        assert r["mem_ratio"] is None
+    assert result["machine"]["memory_measure"] == bench.NO_CPU_MEMORY
+    assert "| densenet121 | torchvision-densenet121 | naive | NCHW, fp32, eager |" in done.stdout
+
+
+@pytest.mark.parametrize("flag", ["--out", "--markdown"])
+@pytest.mark.parametrize("where", ["inside a file", "unwritable"])
+def test_output_that_cannot_be_written_fails_before_measuring(tmp_path, capsys, flag, where):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    path = blocker / "bench.json" if where == "inside a file" else Path("/proc/bench.json")
+    start = time.monotonic()
+    code = bench.main(["--models", "tiny", "--device", "cpu", flag, str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"bench.py: error: {flag} {path}: cannot write there")
+    assert time.monotonic() - start < 30  # refused at once, not after measuring
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and blocker.read_text() == "x"
 
 
 def two_steps(mode: bench.Mode) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of two train.py steps on the tiny model from the seeded start, and how far each
     floating-point parameter and buffer moved."""
     net, opt, scaler, x, y = bench.prepare("tiny", 16, mode, CPU)
+    assert opt.defaults["nesterov"] and opt.param_groups[0]["weight_decay"] == 1e-4  # recipe
     start = {k: v.clone() for k, v in net.state_dict().items() if v.is_floating_point()}
     losses = []
     for _ in range(2):
@@ -131,7 +191,97 @@ def test_gpu_rows_peaks_and_file_names():
 def test_memory_efficient_takes_the_fastest_settings():
     rows = [
         bench.Row(m, speed, 0.0, 1)
-        for m, speed in zip(bench.modes("cuda"), [1, 2, 3, 4, 6, 5])
+        for m, speed in zip(bench.modes("cuda"), [1, 2, 3, 4, 6, 5], strict=True)
     ]
     chosen = bench.efficient_mode(rows)
     assert chosen == bench.Mode("memory_efficient", True, "bf16", "default", True)
+
+
+# ------------------------------------------------------------------------ the GPU check
+
+
+def test_gpu_check_rows_cover_each_precision_and_compile_mode():
+    default = bench.Mode("default", True, "bf16", "default")
+    names = [m.name for m in gpucheck.check_modes(True, default)]
+    plain = ["default-plain-bn"] * bench.has_shared_stats()
+    assert names == ["naive", "default", "bf16-eager", "bf16-reduce-overhead", "fp16-eager",
+                     "fp16-default", "fp16-reduce-overhead", *plain]  # fmt: skip
+    cpu = gpucheck.check_modes(False, bench.Mode("default", True, "off"))
+    assert [m.settings for m in cpu][:3] == [
+        "NCHW, fp32, eager", "channels_last, fp32, eager", "channels_last, bf16, eager"
+    ]  # fmt: skip
+
+
+def gpu_check(tmp_path: Path, *args) -> subprocess.CompletedProcess:
+    """The tiny GPU check on CPU, its results in tmp_path/check.json."""
+    flags = ["--gpu-check", "--tiny", "--out", tmp_path / "check.json", "--data-dir",
+             tmp_path / "data", "--save", tmp_path / "work", *args]  # fmt: skip
+    return run_bench(flags, env={"FASHION_MNIST_DIR": str(tmp_path / "no-system-copy")})
+
+
+def test_gpu_check_end_to_end_on_cpu(tmp_path: Path):
+    """Every part on tiny models; a second run replaces only what it re-measures; a budget
+    too short for a part skips it, saying so, and keeps the file's parts."""
+    synthetic.make_mnist(tmp_path / "data", "fashion-mnist", n_train=64, n_test=32)
+    done = gpu_check(tmp_path, "--budget", 900)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "check.json").read_text())
+    parts = result["parts"]
+    assert set(parts) == set(gpucheck.PARTS)
+    modes = {r["mode"]: r for r in parts["modes"]["records"]}
+    assert {"naive", "default", "bf16-eager"} <= modes.keys()
+    assert modes["naive"]["speedup_vs_naive"] == 1 and modes["default"]["img_per_s"] > 0
+    assert [r["mode"] for r in parts["memory"]["records"]] == ["memory_efficient", "plain"]
+    assert all(r["abs_peak_bytes"] > r["peak_mem_bytes"] > 0 for r in parts["memory"]["records"])
+    peers = {r["peer"]: r for r in parts["peers"]["peers"] if r["mode"] == "eager"}
+    assert "torchvision-densenet121" in peers
+    assert all(r["speed_ratio"] > 0 and r["mem_ratio"] > 0 for r in peers.values())
+    overhead = parts["overhead"]
+    assert overhead["bare_s"] > 0 and overhead["epoch_s"] > 0 and overhead["share_outside"] < 1
+    train = parts["train"]
+    log = train["rows"]
+    assert train["finished"] and [r["epoch"] for r in log] == list(range(1, train["epochs"] + 1))
+    assert train["test_err"] == log[-1]["test_err"] and 0 <= train["test_err"] <= 100
+    assert train["wall_s"] > train["train_s"] > 0
+    resume = parts["resume"]
+    assert resume["stop"]["exit"] == 128 + signal.SIGTERM and resume["resumed"]["exit"] == 0
+    assert resume["stopped_and_saved"] and resume["continued_to_the_end"]
+    assert resume["stop_message"][0].startswith("stopped by signal 15 in epoch")
+    for part in gpucheck.PARTS:
+        assert f"| {part} |" in done.stdout
+    assert "skipped: nothing" in done.stdout
+
+    again = gpu_check(tmp_path, "--parts", "memory", "--budget", 900)
+    assert again.returncode == 0, again.stderr
+    second = json.loads((tmp_path / "check.json").read_text())["parts"]
+    assert {k: v for k, v in second.items() if k != "memory"} == {
+        k: v for k, v in parts.items() if k != "memory"
+    }
+    assert second["memory"]["records"] != parts["memory"]["records"]  # re-measured
+
+    before = (tmp_path / "check.json").read_bytes()
+    short = gpu_check(tmp_path, "--parts", "modes", "train", "--budget", 5)
+    assert short.returncode == 0, short.stderr
+    assert "skipped: modes tiny naive needs ~" in short.stderr
+    assert "to measure what was skipped: python bench.py --gpu-check --parts modes" in short.stdout
+    assert (tmp_path / "check.json").read_bytes() == before
+
+
+def test_gpu_check_cut_short_keeps_finished_parts(tmp_path: Path):
+    """Killed mid-run (the device machine's hard limit): the parts already finished are in
+    the file, whole."""
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, "bench.py", "--gpu-check", "--tiny", "--device", "cpu", "--threads",
+           "1", "--parts", "modes", "memory", "--out", str(out), "--budget", "900"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    parts = json.loads(out.read_text())["parts"]
+    assert list(parts) == ["modes"] and parts["modes"]["records"][0]["mode"] == "naive"
