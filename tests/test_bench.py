@@ -212,6 +212,13 @@ def test_gpu_check_rows_cover_each_precision_and_compile_mode():
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("args", [["--out", "/proc/check.json"], ["--budget", "0"]])
+def test_gpu_check_bad_command_line_is_one_line(capsys, args):
+    assert bench.main(["--gpu-check", "--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bench.py: error: {args[0]} ") and err.count("\n") == 1
+
+
 def gpu_check(tmp_path: Path, *args) -> subprocess.CompletedProcess:
     """The tiny GPU check on CPU, its results in tmp_path/check.json."""
     flags = ["--gpu-check", "--tiny", "--out", tmp_path / "check.json", "--data-dir",
