@@ -153,6 +153,8 @@ class Check:
             old = self.results["parts"].get(part, {}).get("records", [])
             kept = [r for r in old if (r["model"], r["mode"]) not in new]
             payload = {**payload, "records": payload["records"] + kept}
+            if "peers" in payload:
+                payload["peers"] = bench.peer_ratios(payload["records"])
         self.results["parts"][part] = {**payload, "measured": self.machine["date"],
                                        "command": self.machine["command"]}  # fmt: skip
         bench.write_text(self.out, json.dumps(self.results, indent=2) + "\n")
@@ -301,13 +303,20 @@ def fashion_mnist_images(data_dir: str) -> tuple[int, int] | None:
     return counts[0], counts[1]
 
 
+def number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def read_log(path: Path) -> list[dict]:
-    """train.py's log.csv as rows of numbers."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
+    """train.py's log.csv as rows (numbers where they are), read while it may be written:
+    a line not yet whole is left out."""
+    lines = path.read_text().splitlines() if path.exists() else []
     head = lines[0].split(",") if lines else []
-    return [dict(zip(head, map(float, ln.split(",")), strict=True)) for ln in lines[1:] if ln]
+    rows = [ln.split(",") for ln in lines[1:]]
+    return [dict(zip(head, map(number, r), strict=True)) for r in rows if len(r) == len(head)]
 
 
 def run_train(cmd: list[str], folder: Path, deadline: float, stop_after: int | None) -> dict:
