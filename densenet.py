@@ -2,8 +2,8 @@
 
 Imports torch and the standard library only. Module and parameter names follow
 torchvision's DenseNet, so its ImageNet checkpoints load with strict=True.
-The paper's modules come first; the memory-efficient path (memory_efficient=True) has
-its own section at the end.
+The paper's modules come first, then a section each for the memory-efficient path
+(memory_efficient=True) and the shared batch statistics (shared_stats=True, the default).
 """
 
 import pickle
@@ -18,16 +18,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    "DenseNet",
-    "densenet121",
-    "densenet161",
-    "densenet169",
-    "densenet201",
-    "densenet264",
-    "densenet_cifar",
-    "load_file",
-    "load_torchvision_checkpoint",
-]
+    "DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
+    "densenet_cifar", "load_file", "load_torchvision_checkpoint",
+]  # fmt: skip
 
 BN_SIZE = 4  # bottleneck width: the 1x1 conv produces 4k feature maps (paper, Sec. 3)
 
@@ -65,17 +58,20 @@ class _DenseLayer(nn.Module):
         self.drop_rate = drop_rate
         self.memory_efficient = memory_efficient
 
-    def _first_conv(self, x: Tensor) -> Tensor:
+    def _first_conv(self, x: Tensor, mean: Tensor | None, var: Tensor | None) -> Tensor:
         """BN, ReLU and the first conv: the part whose input grows with depth."""
         x = _dense(x)
-        return self.conv1(self.relu1(self.norm1(x)))
+        if mean is None or var is None:
+            return self.conv1(self.relu1(self.norm1(x)))
+        return self.conv1(self._shared_norm_relu(x, mean, var))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """New feature maps from x, the concatenation of all earlier ones."""
+    def forward(self, x: Tensor, mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
+        """New feature maps from x, the concatenation of all earlier ones. mean and var:
+        x's batch statistics, when the block shares them (shared_stats, training)."""
         if _recomputes(self.memory_efficient, self.training):
-            out = self._checkpointed_first_conv(x)
+            out = self._checkpointed_first_conv(x, mean, var)
         else:
-            out = self._first_conv(x)
+            out = self._first_conv(x, mean, var)
         if self.drop_rate > 0:
             out = F.dropout(out, self.drop_rate, self.training)
         if self.bottleneck:
@@ -85,9 +81,16 @@ class _DenseLayer(nn.Module):
         return out
 
     @torch.jit.unused
-    def _checkpointed_first_conv(self, x: Tensor) -> Tensor:
+    def _checkpointed_first_conv(
+        self, x: Tensor, mean: Tensor | None, var: Tensor | None
+    ) -> Tensor:
         """_first_conv, recomputed in backward (memory-efficient section below)."""
-        return _checkpoint_first_conv(self, x)
+        return _checkpoint_first_conv(self, x, mean, var)
+
+    @torch.jit.unused
+    def _shared_norm_relu(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """norm1's affine transform and ReLU with shared statistics (section below)."""
+        return _norm_relu(x, mean, var, self.norm1)
 
 
 class _DenseBlock(nn.ModuleDict):
@@ -99,6 +102,7 @@ class _DenseBlock(nn.ModuleDict):
         in_channels: int,
         growth_rate: int,
         memory_efficient: bool,
+        shared_stats: bool = True,
         **layer_kw,
     ):
         super().__init__()
@@ -112,10 +116,12 @@ class _DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
         self.out_channels = in_channels + num_layers * growth_rate
         self.memory_efficient = memory_efficient
+        self.shared_stats = shared_stats
 
     def forward(self, x: Tensor) -> Tensor:
-        if _recomputes(self.memory_efficient, self.training):
-            return self._forward_shared_buffer(x)
+        recomputes = _recomputes(self.memory_efficient, self.training)
+        if recomputes or (self.shared_stats and self.training and not torch.jit.is_scripting()):
+            return self._forward_shared(x, recomputes)
         # Growing the input by one concatenation a layer, rather than concatenating
         # all earlier outputs in every layer, lets autograd sum each layer's input
         # gradient once, as one tensor, instead of once per earlier output as thin
@@ -125,9 +131,9 @@ class _DenseBlock(nn.ModuleDict):
         return x
 
     @torch.jit.unused
-    def _forward_shared_buffer(self, x: Tensor) -> Tensor:
-        """memory_efficient's forward: every layer reads a prefix of one buffer (below)."""
-        return _shared_buffer_forward(self, x)
+    def _forward_shared(self, x: Tensor, one_buffer: bool) -> Tensor:
+        """Training forward with shared statistics, one shared buffer, or both (below)."""
+        return _shared_forward(self, x, one_buffer)
 
 
 class _Transition(nn.Module):
@@ -163,6 +169,10 @@ class DenseNet(nn.Module):
         stem: "cifar" (3x3 conv) or "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool).
         memory_efficient: recompute each layer's BN-ReLU-Conv1x1 in backward, so the
             activations kept for backward grow linearly with depth, not quadratically.
+        shared_stats: in training, compute each feature map's batch statistics once and
+            let every later layer's first BN apply only its own affine transform (the
+            same result and running statistics as plain BN, fewer passes); False: plain
+            per-layer BN.
     """
 
     def __init__(
@@ -177,6 +187,7 @@ class DenseNet(nn.Module):
         in_channels: int = 3,
         stem: str = "cifar",
         memory_efficient: bool = False,
+        shared_stats: bool = True,
     ):
         super().__init__()
         _check_args(growth_rate, block_config, compression, drop_rate, stem)
@@ -209,6 +220,7 @@ class DenseNet(nn.Module):
                 bottleneck=bottleneck,
                 drop_rate=drop_rate,
                 memory_efficient=memory_efficient,
+                shared_stats=shared_stats,
             )
             self.features.add_module(f"denseblock{i + 1}", block)
             channels += num_layers * growth_rate
@@ -329,12 +341,13 @@ _OS_MODULES = {"posix": "os", "nt": "os"}  # os.system pickles as posix.system o
 
 
 def _refused_global(e: Exception) -> str | None:
-    """The global a weights-only load refused (e.g. "os.system"), "" if unnamed, else None."""
+    """The global a weights-only load refused (e.g. "os.system"), else None (a file that is
+    not a pickle at all fails the same way, with "Unsupported operand", and is corrupt)."""
     if not isinstance(e, pickle.UnpicklingError) or "Weights only load failed" not in str(e):
         return None
     match = _GLOBAL.search(str(e))
     if not match:
-        return ""
+        return None
     module, _, name = match.group(1).rpartition(".")
     return f"{_OS_MODULES.get(module, module or 'builtins')}.{name}"
 
@@ -346,12 +359,13 @@ def load_file(path: str | PathLike) -> object:
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
         refused = _refused_global(e)
         if refused is not None:
-            what = f" ({refused})" if refused else ""
             raise ValueError(
                 f"cannot read {path}: refused because it asks to import or call something "
-                f"that is not plain data{what}"
+                f"that is not plain data ({refused})"
             ) from None
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        # torch's weights-only message puts the unpickler's own words after its advice
+        text = str(e).split("WeightsUnpickler error:")[-1]
+        reason = (text.strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(f"cannot read {path}: truncated or corrupt ({reason})") from None
 
 
@@ -420,7 +434,9 @@ class _ScratchRunningStats:
             setattr(self.norm, name, buf)
 
 
-def _checkpoint_first_conv(layer: _DenseLayer, x: Tensor) -> Tensor:
+def _checkpoint_first_conv(
+    layer: _DenseLayer, x: Tensor, mean: Tensor | None, var: Tensor | None
+) -> Tensor:
     """layer._first_conv(x), keeping only its (linear-size) output for backward."""
     if torch.compiler.is_exporting():
         raise RuntimeError(
@@ -435,6 +451,8 @@ def _checkpoint_first_conv(layer: _DenseLayer, x: Tensor) -> Tensor:
     return checkpoint(
         layer._first_conv,
         x,
+        mean,
+        var,
         use_reentrant=False,
         preserve_rng_state=False,  # nothing random inside: dropout comes after
         **kwargs,
@@ -461,16 +479,148 @@ class _Append(torch.autograd.Function):
         return grad[:, : ctx.split], grad[:, ctx.split :], None
 
 
-def _shared_buffer_forward(block: _DenseBlock, x: Tensor) -> Tensor:
-    """The block's forward with every layer's input a prefix view of one buffer."""
-    n, _, h, w = x.shape
-    buffer = torch.empty(
-        (n, block.out_channels, h, w),
-        dtype=x.dtype,
-        device=x.device,
-        memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format,
-    )
-    x = _Append.apply(buffer[:, :0], x, buffer)
-    for layer in block.values():
-        x = _Append.apply(x, layer(x), buffer)
+# ---------------------------------------------------------------------------------------
+# Shared batch statistics (shared_stats=True, training)
+#
+# In training, layer l's first BN normalises the concatenation [x0 | f1 | ... | f(l-1)]
+# with its batch statistics, and a channel's statistics are the same at every layer that
+# reads it. So each block computes them once per feature map, when it is produced, and
+# every layer's BN only applies its own affine transform and ReLU in one pass:
+#
+#     stats    ( x0 )( f1 )( f2 )          mean, var: computed once each
+#     layer1   norm1: w1 * (x0 - mean) / sqrt(var + eps) + b1, ReLU
+#     layer2   norm1: w2 * ([x0|f1] - mean) / ..., ReLU        shares x0's, f1's
+#     layer3   norm1: w3 * ([x0|f1|f2] - mean) / ..., ReLU     shares x0's, f1's, f2's
+#
+# Gradients flow through the shared statistics as through plain BN's, and each norm1's
+# running statistics are updated from the same numbers, so outputs, gradients and
+# running statistics equal plain BN's. Under SyncBatchNorm (torch.distributed running)
+# the statistics are all-reduced over the norm's process group.
+# ---------------------------------------------------------------------------------------
+
+
+def _sync_group(norm: nn.Module) -> object | None:
+    """The process group a SyncBatchNorm synchronises over, if it spans several processes."""
+    dist = torch.distributed
+    if not (isinstance(norm, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
+        return None
+    group = norm.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _batch_stats(x: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor | int]:
+    """Per-channel batch mean and (biased) variance of x as rows of one (2, C) tensor, in
+    float32 or better, and the number of values behind them; over all processes for a
+    synchronised norm."""
+    count = x.numel() // x.shape[1]
+    if count <= 1:  # plain BN's own check, in its words
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {x.shape}"
+        )
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    group = _sync_group(norm)
+    if group is None:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        return torch.stack([mean, var]), count
+    from torch.distributed.nn.functional import all_reduce  # differentiable all-reduce
+
+    sums = torch.cat([x.sum((0, 2, 3)), x.square().sum((0, 2, 3)), x.new_full((1,), count)])
+    sums = all_reduce(sums, group=group)
+    c = x.shape[1]
+    total = sums[-1].detach()
+    mean = sums[:c] / total
+    return torch.stack([mean, sums[c : 2 * c] / total - mean.square()]), total
+
+
+def _update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count) -> None:
+    """What plain BN's training forward does to its buffers, from the shared statistics."""
+    if not norm.track_running_stats or norm.running_mean is None:
+        return
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+        factor = norm.momentum
+        if factor is None:  # a cumulative moving average, as plain BN keeps it
+            factor = 1.0 / float(norm.num_batches_tracked)
+        unbiased = var * (count / (count - 1))
+        norm.running_mean.mul_(1 - factor).add_(mean.to(norm.running_mean.dtype), alpha=factor)
+        norm.running_var.mul_(1 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)
+
+
+def _norm_relu(x: Tensor, mean: Tensor, var: Tensor, norm: nn.Module) -> Tensor:
+    """relu(norm's affine transform of x normalised with the given statistics)."""
+    if not torch.compiler.is_exporting():
+        return _NormReLU.apply(x, mean, var, norm.weight, norm.bias, norm.eps)
+    # torch.export inlines _NormReLU.forward, whose batch_norm cannot differentiate in mean
+    # and var: the same in differentiable ops.
+    scale = norm.weight * torch.rsqrt(var + norm.eps)
+    shift = norm.bias - mean * scale
+    return F.relu(x * scale[:, None, None] + shift[:, None, None])
+
+
+class _NormReLU(torch.autograd.Function):
+    """relu(weight * (x - mean) / sqrt(var + eps) + bias) with the given batch statistics,
+    differentiable in all of them: one elementwise pass forward, BN's fused kernel back."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps: float) -> Tensor:
+        y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, True).relu_()
+        ctx.save_for_backward(x, y, mean, var, weight)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, y, mean, var, weight = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, y, 0)
+        # Eval-mode BN backward: d/dx = grad * weight * invstd, and the sums that give the
+        # weight, bias and (here, unlike eval) statistics gradients.
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, mean, var, None, None, False, ctx.eps, [True, True, True]
+        )
+        invstd = torch.rsqrt(var + ctx.eps)
+        scale = weight * invstd
+        grad_mean = -grad_bias * scale
+        grad_var = -0.5 * grad_weight * scale * invstd
+        return grad_x, grad_mean, grad_var, grad_weight, grad_bias, None
+
+
+# ---------------------------------------------------------------------------------------
+# A block's training forward with one buffer (memory_efficient), shared statistics, or both
+# ---------------------------------------------------------------------------------------
+
+
+def _shared_forward(block: _DenseBlock, x: Tensor, one_buffer: bool) -> Tensor:
+    """The block's training forward. one_buffer: every layer's input is a prefix view of one
+    buffer (memory_efficient); block.shared_stats: batch statistics computed once a map."""
+    layers = list(block.values())
+    buffer = stats_buffer = None
+    if one_buffer:
+        n, _, h, w = x.shape
+        layout = torch.channels_last if x.stride(1) == 1 else torch.contiguous_format
+        buffer = torch.empty(
+            (n, block.out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=layout
+        )
+        x = _Append.apply(buffer[:, :0], x, buffer)
+    stats = _batch_stats(x, layers[0].norm1) if block.shared_stats else None
+    if one_buffer and stats is not None:  # the statistics too: the checkpoints keep one copy
+        stats_buffer = stats[0].new_empty((2, block.out_channels))
+        stats = (_Append.apply(stats_buffer[:, :0], stats[0], stats_buffer), stats[1])
+    for i, layer in enumerate(layers):
+        if stats is None:
+            new = layer(x)
+        else:
+            (mean, var), count = stats
+            _update_running_stats(layer.norm1, mean, var, count)
+            new = layer(x, mean, var)
+        x = _grow(x, new, buffer)
+        if stats is not None and i + 1 < len(layers):
+            # from x's copy of new, which backward keeps anyway, not from new itself
+            new_stats, _ = _batch_stats(x[:, -new.shape[1] :], layer.norm1)
+            stats = (_grow(stats[0], new_stats, stats_buffer), stats[1])
     return x
+
+
+def _grow(x: Tensor, new: Tensor, buffer: Tensor | None) -> Tensor:
+    """[x | new] along dim 1: concatenated, or appended in the buffer x is a prefix of."""
+    return torch.cat([x, new], 1) if buffer is None else _Append.apply(x, new, buffer)

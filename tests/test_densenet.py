@@ -104,7 +104,14 @@ def test_dropout_follows_every_conv_but_the_first():
     assert 0.4 < zeros(seen["pool_in"]) < 0.6  # after the transition conv, before pooling
 
 
-def _tiny(bottleneck: bool, memory_efficient: bool = False, drop_rate: float = 0.0) -> D.DenseNet:
+def _tiny(
+    bottleneck: bool,
+    memory_efficient: bool = False,
+    drop_rate: float = 0.0,
+    shared_stats: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> D.DenseNet:
+    """A small DenseNet; plain per-layer BN unless shared_stats, the reference for the rest."""
     torch.manual_seed(0)
     return D.DenseNet(
         growth_rate=3,
@@ -115,13 +122,15 @@ def _tiny(bottleneck: bool, memory_efficient: bool = False, drop_rate: float = 0
         drop_rate=drop_rate,
         num_classes=3,
         memory_efficient=memory_efficient,
-    ).double()
+        shared_stats=shared_stats,
+    ).to(dtype)
 
 
 @pytest.mark.parametrize("bottleneck", [True, False])
 @pytest.mark.parametrize("memory_efficient", [False, True])
-def test_gradcheck_float64(bottleneck, memory_efficient):
-    model = _tiny(bottleneck, memory_efficient)
+@pytest.mark.parametrize("shared_stats", [False, True])
+def test_gradcheck_float64(bottleneck, memory_efficient, shared_stats):
+    model = _tiny(bottleneck, memory_efficient, shared_stats=shared_stats)
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in model.parameters()]
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
@@ -141,9 +150,10 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -
 
 @pytest.mark.parametrize("bottleneck", [True, False])
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])
-def test_memory_efficient_equals_plain(bottleneck, drop_rate):
+@pytest.mark.parametrize("shared_stats", [False, True])
+def test_memory_efficient_equals_plain(bottleneck, drop_rate, shared_stats):
     plain = _tiny(bottleneck, drop_rate=drop_rate)
-    efficient = _tiny(bottleneck, memory_efficient=True, drop_rate=drop_rate)
+    efficient = _tiny(bottleneck, True, drop_rate, shared_stats)
     efficient.load_state_dict(plain.state_dict())
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 1])
@@ -161,7 +171,7 @@ def test_memory_efficient_equals_plain(bottleneck, drop_rate):
 
 def test_memory_efficient_layers_read_one_buffer_per_block():
     """Each layer's input is a prefix view of the block's output, not a copy of its own."""
-    model = _tiny(True, memory_efficient=True)
+    model = _tiny(True, memory_efficient=True, shared_stats=True)
     block = model.features.denseblock1
     inputs, outputs = [], []
     for layer in block.values():
@@ -177,7 +187,7 @@ def test_memory_efficient_layers_read_one_buffer_per_block():
 def test_memory_efficient_under_compile_equals_plain():
     """torch.compile traces the shared-buffer writes and the checkpoint correctly."""
     plain = _tiny(True, drop_rate=0.0)
-    efficient = torch.compile(_tiny(True, memory_efficient=True))
+    efficient = torch.compile(_tiny(True, memory_efficient=True, shared_stats=True))
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 2])
     a = _train_step(plain, x, y, 0)
@@ -191,6 +201,63 @@ def test_memory_efficient_under_compile_equals_plain():
     assert efficient.features.denseblock1.denselayer2.norm1.num_batches_tracked.item() == 1
 
 
+def _sgd_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> list:
+    """Outputs and parameter gradients of each of `steps` SGD steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    seen = []
+    for step in range(steps):
+        opt.zero_grad()
+        out = _train_step(model, x, y, step)
+        seen.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    return seen
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shared_stats_equal_plain_bn_in_fp32(memory_efficient, momentum, channels_last):
+    """Outputs and gradients to fp32 rounding at every step, and every BN's running
+    statistics after 3 SGD steps, against plain per-layer BN."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    plain = _tiny(True, drop_rate=0.2, dtype=torch.float32).to(memory_format=fmt)
+    shared = _tiny(True, memory_efficient, 0.2, shared_stats=True, dtype=torch.float32)
+    shared = shared.to(memory_format=fmt)
+    for bn in [*plain.modules(), *shared.modules()]:
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.momentum = momentum  # None: the cumulative moving average
+    torch.manual_seed(1)
+    x = (3 * torch.randn(8, 3, 8, 8) + 1).to(memory_format=fmt)
+    y = torch.randint(0, 3, (8,))
+    for (a, grads_a), (b, grads_b) in zip(
+        _sgd_steps(plain, x, y, 3), _sgd_steps(shared, x, y, 3), strict=True
+    ):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        for (name, _), ga, gb in zip(plain.named_parameters(), grads_a, grads_b, strict=True):
+            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, s), t in zip(plain.named_buffers(), shared.buffers(), strict=True):
+        if name.endswith("num_batches_tracked"):
+            assert s.item() == t.item() == 3, name
+        else:
+            torch.testing.assert_close(t, s, rtol=1e-5, atol=1e-6, msg=name)
+    plain.eval(), shared.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(shared(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_stats_leave_norm1_unused_and_plain_bn_used_without_it():
+    """The flag really switches paths: shared statistics never call norm1 in training."""
+    calls = {}
+    for shared_stats in (False, True):
+        model = _tiny(True, shared_stats=shared_stats)
+        count = _count_norm1_calls(model)
+        model(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+        model.eval()
+        model(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+        calls[shared_stats] = count[0]
+    assert calls == {False: 2, True: 1}  # eval: per-layer running statistics, both paths
+
+
 def _count_norm1_calls(model: D.DenseNet) -> list[int]:
     calls = [0]
     # BN, not the conv: recomputation stops early, inside the conv, once all it needs is saved
@@ -200,7 +267,7 @@ def _count_norm1_calls(model: D.DenseNet) -> list[int]:
 
 
 def test_recomputation_only_when_training_with_grad():
-    model = _tiny(True, memory_efficient=True)
+    model = _tiny(True, memory_efficient=True)  # plain BN: shared_stats does not call norm1
     calls = _count_norm1_calls(model)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     model(x).sum().backward()
@@ -385,3 +452,67 @@ def test_truncated_checkpoint_is_truncated_or_corrupt_in_one_line(tmp_path):
         D.load_file(path)
     message = str(info.value)
     assert "\n" not in message and "truncated or corrupt" in message
+
+
+def _sync_block(memory_efficient: bool, shared_stats: bool) -> nn.Module:
+    torch.manual_seed(0)
+    block = D._DenseBlock(3, 4, 3, memory_efficient, shared_stats, bottleneck=False, drop_rate=0.0)
+    with torch.no_grad():  # non-trivial affine transforms
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    return block.double()
+
+
+def _block_results(block: nn.Module, x: torch.Tensor) -> dict:
+    """Output, input gradient, parameter gradients and buffers of one training step."""
+    x = x.clone().requires_grad_()
+    out = block(x)
+    (out.square() * torch.arange(out.shape[1], dtype=out.dtype)[:, None, None]).sum().backward()
+    return {
+        "out": out.detach(),
+        "x_grad": x.grad,
+        "grads": [p.grad for p in block.parameters()],
+        "buffers": [b.clone() for b in block.buffers()],
+    }
+
+
+def _sync_worker(rank: int, world: int, init_file: str, x: torch.Tensor, out_dir: str) -> None:
+    """One of `world` gloo processes: SyncBatchNorm blocks on this rank's part of the batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for memory_efficient in (False, True):
+            block = nn.SyncBatchNorm.convert_sync_batchnorm(_sync_block(memory_efficient, True))
+            res = _block_results(block, x.chunk(world)[rank])
+            for g in res["grads"]:  # each rank holds its part of the full batch's gradient
+                dist.all_reduce(g)
+            torch.save(res, f"{out_dir}/rank{rank}-{memory_efficient}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shared_stats_under_sync_batchnorm_are_the_synchronised_ones(tmp_path):
+    """2 gloo processes with half the batch each equal one process with all of it."""
+    world = 2
+    torch.manual_seed(3)
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64) * 2 + 0.5
+    torch.multiprocessing.spawn(
+        _sync_worker, args=(world, str(tmp_path / "init"), x, str(tmp_path)), nprocs=world
+    )
+    want = _block_results(_sync_block(False, shared_stats=False), x)  # plain BN, whole batch
+    for memory_efficient in (False, True):
+        got = [
+            torch.load(tmp_path / f"rank{r}-{memory_efficient}.pt", weights_only=True)
+            for r in range(world)
+        ]
+        for key in ("out", "x_grad"):
+            torch.testing.assert_close(
+                torch.cat([g[key] for g in got]), want[key], rtol=1e-10, atol=1e-10
+            )
+        for g in got:
+            for a, b in zip(g["grads"], want["grads"], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+            for a, b in zip(g["buffers"], want["buffers"], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
