@@ -396,8 +396,8 @@ def load_torchvision_checkpoint(model: DenseNet, path: str | PathLike) -> None:
 #
 # Each layer's BN, ReLU and first conv (outputs that grow with depth) are recomputed in
 # backward; only the bottleneck's fixed-size tensors are stored.
-# TorchScript cannot script checkpointing, so a scripted model takes the plain path:
-# the same outputs and gradients, without the memory saving.
+# TorchScript cannot script checkpointing (nor shared_stats' autograd Function), so a
+# scripted model takes the plain path: the same outputs and gradients, more memory.
 # ---------------------------------------------------------------------------------------
 
 
@@ -508,29 +508,55 @@ def _sync_group(norm: nn.Module) -> object | None:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _batch_stats(x: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor | int]:
-    """Per-channel batch mean and (biased) variance of x as rows of one (2, C) tensor, in
-    float32 or better, and the number of values behind them; over all processes for a
-    synchronised norm."""
-    count = x.numel() // x.shape[1]
-    if count <= 1:  # plain BN's own check, in its words
+def _batch_stats(x: Tensor, norm: nn.Module, source: Tensor | None = None) -> tuple:
+    """x's per-channel batch mean and (biased) variance as rows of one (2, C) tensor, and the
+    number of values behind them: over all processes for a synchronised norm. source: the
+    same values in memory that backward keeps anyway (a view of the block's output)."""
+    if x.numel() // x.shape[1] <= 1:  # plain BN's own check, in its words
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.shape}"
         )
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    group = _sync_group(norm)
-    if group is None:
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-        return torch.stack([mean, var]), count
-    from torch.distributed.nn.functional import all_reduce  # differentiable all-reduce
+    if source is None or torch.compiler.is_exporting():  # export traces forward's ops
+        source = x
+    return _BatchStats.apply(x, source.detach(), _sync_group(norm))
 
-    sums = torch.cat([x.sum((0, 2, 3)), x.square().sum((0, 2, 3)), x.new_full((1,), count)])
-    sums = all_reduce(sums, group=group)
-    c = x.shape[1]
-    total = sums[-1].detach()
-    mean = sums[:c] / total
-    return torch.stack([mean, sums[c : 2 * c] / total - mean.square()]), total
+
+_DIMS = (0, 2, 3)  # a channel's statistics are over the batch and both spatial dimensions
+
+
+class _BatchStats(torch.autograd.Function):
+    """Batch statistics (two-pass, float32 or better, all-reduced over group if one is given)
+    differentiable in x, and their count; backward: one elementwise pass over source."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, source: Tensor, group: object | None) -> tuple[Tensor, Tensor]:
+        values = source.float() if source.dtype in (torch.float16, torch.bfloat16) else source
+        count = values.numel() // values.shape[1]
+        mean = values.mean(_DIMS)
+        var = (values - mean[:, None, None]).square_().sum(_DIMS) / count
+        total = x.new_full((), count, dtype=torch.float64)  # a fill, no host-device copy
+        if group is not None:  # sums, sums of squares and counts of every process, in float64
+            sums = torch.cat([mean * count, (var + mean.square()) * count]).double()
+            sums = torch.cat([sums, total[None]])
+            torch.distributed.all_reduce(sums, group=group)
+            c, total = x.shape[1], sums[-1]
+            mean64 = sums[:c] / total
+            mean, var = mean64.to(mean.dtype), (sums[c:-1] / total - mean64.square()).to(var.dtype)
+        ctx.mark_non_differentiable(total)
+        ctx.save_for_backward(source, mean, total)
+        ctx.group = group
+        return torch.stack([mean, var]), total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _: Tensor) -> tuple[Tensor, None, None]:
+        source, mean, total = ctx.saved_tensors
+        if ctx.group is not None:  # every process's loss depends on the shared statistics
+            grad = grad.contiguous()
+            torch.distributed.all_reduce(grad, group=ctx.group)
+        scale = 2 * grad[1] / total
+        shift = grad[0] / total - scale * mean
+        grad_x = torch.addcmul(shift[:, None, None], source, scale[:, None, None])
+        return grad_x.to(source.dtype), None, None
 
 
 def _update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count) -> None:
@@ -616,7 +642,7 @@ def _shared_forward(block: _DenseBlock, x: Tensor, one_buffer: bool) -> Tensor:
         x = _grow(x, new, buffer)
         if stats is not None and i + 1 < len(layers):
             # from x's copy of new, which backward keeps anyway, not from new itself
-            new_stats, _ = _batch_stats(x[:, -new.shape[1] :], layer.norm1)
+            new_stats, _ = _batch_stats(new, layer.norm1, x[:, -new.shape[1] :])
             stats = (_grow(stats[0], new_stats, stats_buffer), stats[1])
     return x
 
