@@ -63,8 +63,11 @@ def run_label(run_dir: Path) -> str:
         return name
     if not isinstance(args, dict):
         return name
-    keys = {"dataset": "", "depth": "L=", "growth": "k="}
-    extra = " ".join(f"{prefix}{args[k]}" for k, prefix in keys.items() if k in args)
+    # DenseNet: depth L and growth rate k; DiracNet: depth and width multiplier
+    second = ("width", "width ") if args.get("model") == "diracnet" else ("growth", "k=")
+    keys = {"dataset": "", "depth": "L=", second[0]: second[1]}
+    extra = " ".join(f"{prefix}{args[k]:g}" if isinstance(args.get(k), float) else f"{prefix}{args[k]}"
+                     for k, prefix in keys.items() if args.get(k) is not None)  # fmt: skip
     return f"{name} ({extra})" if extra else name
 
 

@@ -306,3 +306,10 @@ def test_make_graph_rejects_bad_depth(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "depth 41" in capsys.readouterr().err
     assert not (tmp_path / "bad.dot").exists()
+
+
+def test_a_diracnet_run_is_labelled_by_depth_and_width(tmp_path):
+    run = write_run(tmp_path / "d", val=False)
+    args = {"dataset": "cifar10", "model": "diracnet", "depth": 34, "width": 2.0, "growth": None}
+    (run / "args.json").write_text(json.dumps(args))
+    assert plot.run_label(run) == "d (cifar10 L=34 width 2)"
