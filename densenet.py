@@ -434,10 +434,8 @@ class _ScratchRunningStats:
             setattr(self.norm, name, buf)
 
 
-def _checkpoint_first_conv(
-    layer: _DenseLayer, x: Tensor, mean: Tensor | None, var: Tensor | None
-) -> Tensor:
-    """layer._first_conv(x), keeping only its (linear-size) output for backward."""
+def _checkpoint_first_conv(layer: _DenseLayer, *inputs: Tensor | None) -> Tensor:
+    """layer._first_conv(*inputs), keeping only its (linear-size) output for backward."""
     if torch.compiler.is_exporting():
         raise RuntimeError(
             "torch.export cannot trace memory_efficient=True in training mode (checkpointing): "
@@ -448,14 +446,9 @@ def _checkpoint_first_conv(
     kwargs = {}
     if not torch.compiler.is_compiling():
         kwargs["context_fn"] = lambda: (nullcontext(), _ScratchRunningStats(layer.norm1))
+    # preserve_rng_state=False: nothing random inside, dropout comes after
     return checkpoint(
-        layer._first_conv,
-        x,
-        mean,
-        var,
-        use_reentrant=False,
-        preserve_rng_state=False,  # nothing random inside: dropout comes after
-        **kwargs,
+        layer._first_conv, *inputs, use_reentrant=False, preserve_rng_state=False, **kwargs
     )
 
 
