@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 import densenet as D
+from engine import saved_activation_bytes
 
 
 def n_params(model: nn.Module) -> int:
@@ -281,23 +282,6 @@ def test_recomputation_only_when_training_with_grad():
     assert calls[0] == 4
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the activations autograd keeps for backward: distinct storages, parameters
-    excluded (DenseNet's parameter count itself grows quadratically with depth)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum().backward()
-    return sum(storages.values())
-
-
 def test_memory_efficient_memory_grows_linearly_with_depth():
     x = torch.randn(2, 3, 8, 8)
     saved = {}
@@ -305,7 +289,7 @@ def test_memory_efficient_memory_grows_linearly_with_depth():
         for n in (8, 16, 24):  # layers per block
             torch.manual_seed(0)
             model = D.DenseNet(12, (n, n, n), memory_efficient=efficient)
-            saved[efficient, n] = saved_bytes(model, x)
+            saved[efficient, n] = saved_activation_bytes(model, x)
     plain = [saved[False, n] for n in (8, 16, 24)]
     lean = [saved[True, n] for n in (8, 16, 24)]
     # quadratic: the second difference is clearly positive; linear: about zero
