@@ -35,7 +35,7 @@ COMMON = {
     "model": "densenet", "dataset": "cifar10", "dirac_version": 2, "data_dir": "data",
     "seed": 0, "memory_efficient": False, "ten_crop": False, "sync_bn": False,
     "tensorboard": False, "plot": True, "val_split": 0, "deterministic": False,
-    "compile_mode": "default", "workers": 8,
+    "compile_mode": "default", "workers": 8, "shared_stats": True,
 }  # fmt: skip
 
 # Milestones are fractions of the epochs after which the lr drops (MultiStepLR counts
@@ -252,6 +252,8 @@ def _model_and_data_flags(p: argparse.ArgumentParser, add) -> None:
     add(m, "--drop-rate", type=float, help="dropout after each conv",
         shown="0.2 without augmentation, else 0 (paper Sec. 4.2)")
     add(m, "--memory-efficient", action=true, help="recompute in backward: memory linear in depth")
+    add(m, "--shared-stats", action=on_off,
+        help="DenseNet: each feature map's batch statistics once per block (off: per-layer BN)")
     d = p.add_argument_group("data")
     add(d, "--dataset", choices=(*data.DATASETS, "imagenet"), help="dataset")
     add(d, "--data-dir", help="dataset folder")

@@ -136,7 +136,7 @@ def build_model(a, info: data.DatasetInfo, device: torch.device) -> nn.Module:
         elif a.dataset == "imagenet":
             net = getattr(densenet, a.arch)(
                 num_classes=info.num_classes, drop_rate=a.drop_rate,
-                memory_efficient=a.memory_efficient,
+                memory_efficient=a.memory_efficient, shared_stats=a.shared_stats,
             )  # fmt: skip
         elif a.model == "diracnet":
             net = diracnet.diracnet_cifar(
@@ -147,6 +147,7 @@ def build_model(a, info: data.DatasetInfo, device: torch.device) -> nn.Module:
                 a.depth, a.growth, bottleneck=a.bottleneck, compression=a.compression,
                 drop_rate=a.drop_rate, num_classes=info.num_classes,
                 in_channels=info.in_channels, memory_efficient=a.memory_efficient,
+                shared_stats=a.shared_stats,
             )  # fmt: skip
     except ValueError as e:
         raise UserError(str(e)) from None

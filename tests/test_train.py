@@ -717,3 +717,15 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):
     state = tiny_state(0)
     with pytest.raises(train.runstate.CheckpointError, match="cannot write .*latest.pt: No such file"):
         state.save([tmp_path / "gone" / "latest.pt"], {})
+
+
+def test_plain_batchnorm_flag_trains_the_same_network(tmp_path, capsys):
+    """--no-shared-stats is the per-layer BN the shared statistics must equal."""
+    argv, _ = mnist_run(tmp_path)
+    logs = {}
+    for flag in ("--shared-stats", "--no-shared-stats"):
+        save = tmp_path / flag
+        assert run([*argv, "--epochs", 1, "--amp", "off", flag, "--save", save], capsys)[0] == 0
+        assert json.loads((save / "args.json").read_text())["shared_stats"] == (flag == "--shared-stats")
+        logs[flag] = pd.read_csv(save / "log.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(*logs.values(), rtol=1e-4)
