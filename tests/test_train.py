@@ -686,6 +686,7 @@ def lr_drops(given: dict) -> tuple[list[int], "argparse.Namespace"]:
         if opt.param_groups[0]["lr"] != lr:
             drops.append(epoch)
             lr = opt.param_groups[0]["lr"]
+        opt.step()  # no gradients: changes nothing, keeps the scheduler's order check quiet
         sched.step()
     return drops, a
 
