@@ -366,11 +366,11 @@ def after_first_round(name: str, rows: list[Row]) -> list[Mode]:
     the fastest one's settings and with naive's (the cost at equal precision), and the
     fastest one with plain per-layer BN where shared statistics are measured."""
     speed = [r for r in rows if r.mode.shared_stats is not False]
-    fastest = efficient_mode(speed[1:] or speed)
-    out = [fastest, replace(speed[0].mode, name="memory_efficient-naive", memory_efficient=True)]
+    fastest = max(speed[1:] or speed, key=lambda r: r.img_per_s).mode
+    naive = replace(speed[0].mode, name="memory_efficient-naive", memory_efficient=True)
+    out = [efficient_mode(speed[1:] or speed), naive]
     if any(r.mode.shared_stats is False for r in rows):
-        base = replace(fastest, memory_efficient=False)
-        out.append(replace(base, name=f"{base.name}-plain-bn", shared_stats=False))
+        out.append(replace(fastest, name=f"{fastest.name}-plain-bn", shared_stats=False))
     return out
 
 

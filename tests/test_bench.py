@@ -66,6 +66,8 @@ def test_quick_run_writes_json_and_table(tmp_path: Path):
         assert records[1]["settings"] == "NCHW, fp32, eager, plain BN"
         plain = records[-1]["settings"]
         assert plain == efficient.replace("memory_efficient", "plain BN")
+        fastest = next(r["mode"] for r in records if r["settings"] == plain[: -len(", plain BN")])
+        assert records[-1]["mode"] == f"{fastest}-plain-bn"
         assert "shared BN statistics against plain per-layer BN (NCHW, fp32, eager)" in text
 
 
