@@ -450,7 +450,9 @@ def evaluate(given: dict, place: Placement) -> int:
             raise UserError("--pretrained takes torchvision ImageNet weights: add --dataset imagenet")
     else:
         ckpt = runstate.load_checkpoint(given["evaluate"])
-        old = {k: v for k, v in ckpt["args"].items() if k in IDENTITY}
+        # the run's model, and its data: the same held-out images, batches that fit
+        kept = (*IDENTITY, "val_split", "seed", "train_subset", "batch_size")
+        old = {k: v for k, v in ckpt["args"].items() if k in kept}
     a, _ = recipes.resolve(given, recipes.probe(place.device), old)
     info, _, evals = build_data(a, place)
     net = build_model(a, info, place.device)

@@ -730,3 +730,20 @@ def test_plain_batchnorm_flag_trains_the_same_network(tmp_path, capsys):
         assert json.loads((save / "args.json").read_text())["shared_stats"] == (flag == "--shared-stats")
         logs[flag] = pd.read_csv(save / "log.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(*logs.values(), rtol=1e-4)
+
+
+def test_diracnet_v1_trains_with_its_recipe_and_exports(tmp_path, capsys):
+    synthetic.make_mnist(tmp_path / "data", "fashion-mnist", n_train=64, n_test=32)
+    save = tmp_path / "v1"
+    argv = ["--model", "diracnet", "--dirac-version", 1, "--dataset", "fashion-mnist",
+            "--data-dir", tmp_path / "data", "--depth", 10, "--width", 0.25, "--batch-size", 32,
+            "--epochs", 1, "--save", save, "--no-plot", "--device", "cpu"]  # fmt: skip
+    assert run(argv, capsys)[0] == 0
+    args = json.loads((save / "args.json").read_text())
+    assert (args["dirac_version"], args["pad_mode"]) == (1, "symmetric")
+    code, out, _ = run(["--evaluate", save / "latest.pt", "--data-dir", tmp_path / "data",
+                        "--export", tmp_path / "folded.pt", "--device", "cpu"], capsys)  # fmt: skip
+    assert code == 0 and "diracnet_cifar(10, 0.25, 10, 1, version=1)" in out
+    net = train.diracnet.fold(train.diracnet.diracnet_cifar(10, 0.25, 10, 1, version=1))
+    net.load_state_dict(torch.load(tmp_path / "folded.pt", weights_only=True)["state_dict"])
+    assert any(isinstance(m, train.diracnet.NCReLU) for m in net.modules())
