@@ -310,13 +310,22 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> dict:
 # ----------------------------------------------------------------------------- resolve
 
 
+def _layered(typed: dict, device: dict | None = None) -> dict:
+    """COMMON, the recipe the typed settings choose, the device's fast paths, then the
+    typed settings; the compression rule fills in what none of them set."""
+    typed = dict(typed)
+    if typed.get("arch") in DIRAC_ARCHS:
+        typed.setdefault("model", "diracnet")
+    base = {**COMMON, **typed}
+    r = recipe(base["model"], base["dataset"], base["dirac_version"])
+    s = {**COMMON, **r, **(device or {}), **typed}
+    s.setdefault("compression", 0.5 if s.get("bottleneck") else 1.0)
+    return s
+
+
 def identity(given: dict) -> dict:
     """The identity flags (IDENTITY) of a run: given, else the recipe's."""
-    base = {**COMMON, **given}
-    s = {**COMMON, **recipe(base["model"], base["dataset"], base["dirac_version"]), **given}
-    if s.get("arch") in DIRAC_ARCHS:
-        s["model"] = "diracnet"
-    s.setdefault("compression", 0.5 if s.get("bottleneck") else 1.0)
+    s = _layered(given)
     return {k: s.get(k) for k in IDENTITY}
 
 
@@ -344,15 +353,9 @@ def resolve(
 ) -> tuple[argparse.Namespace, list[str]]:
     """Every setting of the run, and notes on choices made for the user (one line each)."""
     old = {k: v for k, v in (old or {}).items() if k not in INVOCATION}
-    typed = {**old, **given}
-    if typed.get("arch") in DIRAC_ARCHS:
-        typed.setdefault("model", "diracnet")
-    base = {**COMMON, **typed}
-    r = recipe(base["model"], base["dataset"], base["dirac_version"])
-    s = {**COMMON, **r, **device_defaults(caps), **typed}
+    s = _layered({**old, **given}, device_defaults(caps))
     notes = []
     # Rules: one setting derived from another, unless given or resumed.
-    s.setdefault("compression", 0.5 if s.get("bottleneck") else 1.0)
     s.setdefault("drop_rate", 0.0 if s["augment"] else 0.2)  # paper: dropout only without
     s.setdefault("restart_momentum", s["model"] == "diracnet")
     if s["sync_bn"] and s["compile"]:

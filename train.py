@@ -213,6 +213,12 @@ def build_optimizer(a, model: nn.Module):
     return opt, sched
 
 
+def model_and_optimizer(a, info: data.DatasetInfo, device: torch.device) -> tuple:
+    """(net, optimizer, scheduler): every model and optimizer flag checked."""
+    net = build_model(a, info, device)
+    return (net, *build_optimizer(a, net))
+
+
 def wrap(net: nn.Module, a, place: Placement, train: data.BatchSource) -> nn.Module:
     """The model the loop calls: net under DDP and torch.compile as asked; a compiler that
     fails is reported in one line and the run continues eagerly."""
@@ -398,9 +404,8 @@ def build(a, place: Placement, ckpt: dict | None) -> tuple:
     torch.manual_seed(a.seed + place.rank)  # dropout differs per rank; data draws are shared
     random.seed(a.seed)
     np.random.seed(a.seed)
-    small = data.DATASETS.get(a.dataset)
-    net = build_model(a, small, place.device) if small else None  # ImageNet counts classes
-    opt, sched = build_optimizer(a, net) if net else (None, None)
+    small = data.DATASETS.get(a.dataset)  # ImageNet counts its classes in the data
+    built = model_and_optimizer(a, small, place.device) if small else None
     data.check_folder(Path(a.data_dir))
     created = on_rank0(place, lambda: make_run_folder(Path(a.save)))
     try:
@@ -409,9 +414,7 @@ def build(a, place: Placement, ckpt: dict | None) -> tuple:
         if place.rank == 0:
             remove_empty(created)
         raise
-    if net is None:
-        net = build_model(a, info, place.device)
-        opt, sched = build_optimizer(a, net)
+    net, opt, sched = built or model_and_optimizer(a, info, place.device)
     scaler = torch.amp.GradScaler(place.device.type, enabled=a.amp == "fp16")
     state = runstate.RunState(net, opt, sched, scaler, train_batches.generator, place.rank, place.world)
     if ckpt is not None:
