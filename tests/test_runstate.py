@@ -1,0 +1,43 @@
+"""runstate.py: RunState round-trips, and a checkpoint that cannot be written."""
+
+import pytest
+import torch
+
+import train
+
+
+def tiny_state(seed: int) -> "train.runstate.RunState":
+    torch.manual_seed(seed)
+    net = train.densenet.densenet_cifar(10, 4, in_channels=1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train.runstate.RunState(net, opt, sched, scaler, torch.Generator().manual_seed(seed))
+
+
+def test_run_state_round_trips(tmp_path):
+    a = tiny_state(0)
+    train.engine.train_step(a.model, a.optimizer, a.scaler, torch.randn(4, 1, 28, 28),
+                            torch.tensor([0, 1, 2, 3]), "off")  # fmt: skip
+    a.scheduler.step()
+    a.epoch, a.step, a.best, a.seconds = 3, 7, 12.5, 4.25
+    a.sums += torch.tensor([1.0, 2.0, 3.0, 4.0])
+    torch.randint(0, 10, (5,), generator=a.data_generator)
+    a.data_rng = a.data_generator.get_state()
+    train.runstate.atomic_save(a.state_dict(), tmp_path / "s.pt")
+    b = tiny_state(1)
+    b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert (b.epoch, b.step, b.best, b.seconds) == (3, 7, 12.5, 4.25)
+    assert torch.equal(b.sums, a.sums) and torch.equal(b.data_generator.get_state(), a.data_rng)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"]) for k in sa)
+    assert b.scheduler.state_dict() == a.scheduler.state_dict()
+    assert torch.equal(torch.get_rng_state(), train.runstate.rng_state()["torch"])
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):
+    state = tiny_state(0)
+    with pytest.raises(train.runstate.CheckpointError, match="cannot write .*latest.pt: No such file"):
+        state.save([tmp_path / "gone" / "latest.pt"], {})
