@@ -4,10 +4,13 @@ README's CPU notes and engine.keep_freed_memory.
 
 Run: python attic/cpu_step_profile.py [--rounds 3 --steps 5]
 
-Times, in fresh processes and interleaved rounds: the plain and the memory_efficient step
-with bf16 autocast + channels_last (train.py's CPU default), and the fp32 NCHW
-memory_efficient step with and without keep_freed_memory. Then profiles one step of each
-bf16 path and groups the operators' self time.
+Times, in fresh processes and interleaved rounds, the cases of one study, then profiles
+one step of its profiled cases and groups the operators' self time:
+  --study bf16 (default): the plain and the memory_efficient step with bf16 autocast +
+    channels_last, and the fp32 NCHW memory_efficient step with and without
+    keep_freed_memory (the figures behind README's CPU notes).
+  --study shared-stats: fp32 eager, shared batch statistics against plain per-layer BN,
+    NCHW and channels_last (issue 16's comparison; the profile behind README's table).
 """
 
 import argparse
@@ -37,7 +40,7 @@ GROUPS = {  # operator name fragment -> group, first match wins
     "add": "gradient sums",
 }
 # name: (bench mode, keep_freed_memory as train.py does)
-CASES = {
+BF16 = {
     "bf16 plain": (bench.Mode("plain", True, "bf16"), True),
     "bf16 memory_efficient": (
         bench.Mode("me", True, "bf16", memory_efficient=True),
@@ -49,6 +52,15 @@ CASES = {
         False,
     ),
 }
+SHARED_STATS = {
+    f"fp32 {layout} {bn}": (
+        bench.Mode("fp32", layout == "channels_last", shared_stats=bn == "shared"),
+        True,
+    )
+    for layout in ("NCHW", "channels_last")
+    for bn in ("plain BN", "shared")
+}
+CASES = {**BF16, **SHARED_STATS}
 
 
 def steps(case: str, n: int, profiled: bool) -> tuple[list[float], dict]:
@@ -80,23 +92,53 @@ def fresh(*args) -> tuple[list[float], dict]:
         return pool.submit(steps, *args).result()
 
 
+def bf16_ratios(median: dict[str, float]) -> None:
+    bf16 = median["bf16 memory_efficient"] / median["bf16 plain"] - 1
+    print(f"bf16: memory_efficient over plain {bf16:+.0%}")
+    fp32 = median["fp32 memory_efficient"]
+    unmapped = median["fp32 memory_efficient, freed memory unmapped"]
+    print(f"fp32 memory_efficient: keep_freed_memory saves {1 - fp32 / unmapped:.0%}")
+
+
+def shared_stats_ratios(median: dict[str, float]) -> None:
+    for layout in ("NCHW", "channels_last"):
+        speedup = median[f"fp32 {layout} plain BN"] / median[f"fp32 {layout} shared"]
+        print(f"fp32 {layout}: shared statistics {speedup:.2f}x the plain per-layer BN step")
+    best_plain = min(median["fp32 NCHW plain BN"], median["fp32 channels_last plain BN"])
+    best_shared = min(median["fp32 NCHW shared"], median["fp32 channels_last shared"])
+    print(f"best shared mode {best_plain / best_shared:.2f}x the best plain mode")
+
+
+# study: (its cases, the ratios it prints, the cases it profiles)
+STUDIES = {
+    "bf16": (BF16, bf16_ratios, ("bf16 plain", "bf16 memory_efficient")),
+    "shared-stats": (
+        SHARED_STATS,
+        shared_stats_ratios,
+        ("fp32 channels_last plain BN", "fp32 channels_last shared"),
+    ),
+}
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--study", choices=STUDIES, default="bf16")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     a = p.parse_args()
-    times = {case: [] for case in CASES}
+    cases, ratios, profiled = STUDIES[a.study]
+    times = {case: [] for case in cases}
     for _ in range(a.rounds):
-        for case in CASES:
+        for case in cases:
             times[case] += fresh(case, a.steps, False)[0]
     median = {case: statistics.median(t) for case, t in times.items()}
     for case, m in median.items():
         print(f"{case}: median step {m:.3f} s")
-    bf16 = median["bf16 memory_efficient"] / median["bf16 plain"] - 1
-    print(f"bf16: memory_efficient over plain {bf16:+.0%}")
-    fp32, unmapped = median["fp32 memory_efficient"], list(median.values())[-1]
-    print(f"fp32 memory_efficient: keep_freed_memory saves {1 - fp32 / unmapped:.0%}\n")
-    for case in ("bf16 plain", "bf16 memory_efficient"):
+    ratios(median)
+    print()
+    for case in profiled:
         _, groups = fresh(case, 1, True)
         total = sum(groups.values())
         print(f"{case} step, operator self time:")
