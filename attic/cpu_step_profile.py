@@ -2,7 +2,7 @@
 """Where a CPU training step of DenseNet-BC-100-12 (batch 64) goes: the figures behind
 README's CPU notes and engine.keep_freed_memory.
 
-Run: python attic/cpu_step_profile.py [--rounds 3 --steps 5]
+Run: python attic/cpu_step_profile.py [--study shared-stats] [--rounds 3 --steps 5]
 
 Times, in fresh processes and interleaved rounds, the cases of one study, then profiles
 one step of its profiled cases and groups the operators' self time:
@@ -93,6 +93,7 @@ def fresh(*args) -> tuple[list[float], dict]:
 
 
 def bf16_ratios(median: dict[str, float]) -> None:
+    """memory_efficient's cost in bf16, and what keep_freed_memory saves in fp32."""
     bf16 = median["bf16 memory_efficient"] / median["bf16 plain"] - 1
     print(f"bf16: memory_efficient over plain {bf16:+.0%}")
     fp32 = median["fp32 memory_efficient"]
@@ -101,6 +102,7 @@ def bf16_ratios(median: dict[str, float]) -> None:
 
 
 def shared_stats_ratios(median: dict[str, float]) -> None:
+    """Shared statistics' speed-up over plain BN per layout, and best mode against best."""
     for layout in ("NCHW", "channels_last"):
         speedup = median[f"fp32 {layout} plain BN"] / median[f"fp32 {layout} shared"]
         print(f"fp32 {layout}: shared statistics {speedup:.2f}x the plain per-layer BN step")
