@@ -54,7 +54,7 @@ BF16 = {
 }
 SHARED_STATS = {
     f"fp32 {layout} {bn}": (
-        bench.Mode("fp32", layout == "channels_last", shared_stats=bn == "shared"),
+        bench.Mode(f"{layout} {bn}", layout == "channels_last", shared_stats=bn == "shared"),
         True,
     )
     for layout in ("NCHW", "channels_last")
