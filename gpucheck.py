@@ -327,7 +327,7 @@ def run_train(cmd: list[str], folder: Path, deadline: float, stop_after: int | N
     with (folder / "output.txt").open("a") as output:
         proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT)
         while proc.poll() is None:
-            time.sleep(0.2)
+            time.sleep(0.05)
             due = stop_after is not None and len(read_log(folder / "log.csv")) >= stop_after
             if sent is None and (due or time.monotonic() > deadline):
                 sent = "requested" if due else "deadline"
@@ -368,7 +368,7 @@ def part_train(check: Check, resume: bool) -> None:
            *s.train_flags]  # fmt: skip
     first = run_train(cmd, folder, check.end - 5, max(1, epochs // 2) if resume else None)
     runs = [first]
-    if first["sigterm"] == "requested":
+    if first["sigterm"] == "requested" and first["exit"] == SIGTERM_EXIT:
         check.save("resume", {"stop": first, "note": "stopped; the resumed run has not ended"})
         runs.append(run_train([*cmd, "--resume"], folder, check.end - 5, None))
     rows = read_log(folder / "log.csv")
@@ -388,7 +388,7 @@ def part_train(check: Check, resume: bool) -> None:
                               "stop_message": said[:1], "continued_to_the_end": done})  # fmt: skip
     elif resume:
         check.skipped.append("resume")
-        print("skipped: resume: the run ended before its SIGTERM", file=sys.stderr)
+        print("skipped: resume: the run ended before its SIGTERM took effect", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- report

@@ -231,7 +231,8 @@ def gpu_check(tmp_path: Path, *args) -> subprocess.CompletedProcess:
 def test_gpu_check_end_to_end_on_cpu(tmp_path: Path):
     """Every part on tiny models; a second run replaces only what it re-measures; a budget
     too short for a part skips it, saying so, and keeps the file's parts."""
-    synthetic.make_mnist(tmp_path / "data", "fashion-mnist", n_train=64, n_test=32)
+    # Epochs of about half a second, so the SIGTERM sent once epoch 1 is logged lands in epoch 2
+    synthetic.make_mnist(tmp_path / "data", "fashion-mnist", n_train=512, n_test=32)
     done = gpu_check(tmp_path, "--budget", 900)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "check.json").read_text())
