@@ -58,20 +58,16 @@ class _DenseLayer(nn.Module):
         self.drop_rate = drop_rate
         self.memory_efficient = memory_efficient
 
-    def _first_conv(self, x: Tensor, mean: Tensor | None, var: Tensor | None) -> Tensor:
+    def _first_conv(self, x: Tensor) -> Tensor:
         """BN, ReLU and the first conv: the part whose input grows with depth."""
-        x = _dense(x)
-        if mean is None or var is None:
-            return self.conv1(self.relu1(self.norm1(x)))
-        return self.conv1(self._shared_norm_relu(x, mean, var))
+        return self.conv1(self.relu1(self.norm1(_dense(x))))
 
-    def forward(self, x: Tensor, mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
-        """New feature maps from x, the concatenation of all earlier ones. mean and var:
-        x's batch statistics, when the block shares them (shared_stats, training)."""
+    def forward(self, x: Tensor) -> Tensor:
+        """New feature maps from x, the concatenation of all earlier ones."""
         if _recomputes(self.memory_efficient, self.training):
-            out = self._checkpointed_first_conv(x, mean, var)
+            out = self._checkpointed_first_conv(x)
         else:
-            out = self._first_conv(x, mean, var)
+            out = self._first_conv(x)
         if self.drop_rate > 0:
             out = F.dropout(out, self.drop_rate, self.training)
         if self.bottleneck:
@@ -81,16 +77,9 @@ class _DenseLayer(nn.Module):
         return out
 
     @torch.jit.unused
-    def _checkpointed_first_conv(
-        self, x: Tensor, mean: Tensor | None, var: Tensor | None
-    ) -> Tensor:
+    def _checkpointed_first_conv(self, x: Tensor) -> Tensor:
         """_first_conv, recomputed in backward (memory-efficient section below)."""
-        return _checkpoint_first_conv(self, x, mean, var)
-
-    @torch.jit.unused
-    def _shared_norm_relu(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        """norm1's affine transform and ReLU with shared statistics (section below)."""
-        return _norm_relu(x, mean, var, self.norm1)
+        return _checkpoint_first_conv(self, x)
 
 
 class _DenseBlock(nn.ModuleDict):
@@ -119,9 +108,8 @@ class _DenseBlock(nn.ModuleDict):
         self.shared_stats = shared_stats
 
     def forward(self, x: Tensor) -> Tensor:
-        recomputes = _recomputes(self.memory_efficient, self.training)
-        if recomputes or (self.shared_stats and self.training and not torch.jit.is_scripting()):
-            return self._forward_shared(x, recomputes)
+        if self.training and not torch.jit.is_scripting():
+            return self._train_forward(x)
         # Growing the input by one concatenation a layer, rather than concatenating
         # all earlier outputs in every layer, lets autograd sum each layer's input
         # gradient once, as one tensor, instead of once per earlier output as thin
@@ -131,9 +119,19 @@ class _DenseBlock(nn.ModuleDict):
         return x
 
     @torch.jit.unused
-    def _forward_shared(self, x: Tensor, one_buffer: bool) -> Tensor:
-        """Training forward with shared statistics, one shared buffer, or both (below)."""
-        return _shared_forward(self, x, one_buffer)
+    def _train_forward(self, x: Tensor) -> Tensor:
+        """Training: shared statistics (eager, with gradients), else one buffer with
+        recomputation (memory_efficient), else the plain path. Under torch.compile and
+        torch.export the compiler fuses BN itself, so shared_stats takes the plain path."""
+        grad = torch.is_grad_enabled()
+        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if self.shared_stats and grad and not traced:
+            return _shared_stats_block(self, x)
+        if self.memory_efficient and grad:
+            return _one_buffer_forward(self, x)
+        for layer in self.values():
+            x = torch.cat([x, layer(x)], 1)
+        return x
 
 
 class _Transition(nn.Module):
@@ -167,12 +165,13 @@ class DenseNet(nn.Module):
         num_classes: outputs of the final Linear layer.
         in_channels: channels of the input images (3 for RGB, 1 for MNIST).
         stem: "cifar" (3x3 conv) or "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool).
-        memory_efficient: recompute each layer's BN-ReLU-Conv1x1 in backward, so the
-            activations kept for backward grow linearly with depth, not quadratically.
+        memory_efficient: keep one buffer per block and recompute each layer's growing
+            part in backward, so the activations kept for backward grow linearly with
+            depth, not quadratically (with shared_stats, BN and ReLU only: no conv).
         shared_stats: in training, compute each feature map's batch statistics once and
-            let every later layer's first BN apply only its own affine transform (the
-            same result and running statistics as plain BN, fewer passes); False: plain
-            per-layer BN.
+            let every later layer's first BN apply only its own affine transform, each
+            block one autograd Function with its backward written out (the same results
+            and running statistics as plain BN); False: plain per-layer BN, as torchvision.
     """
 
     def __init__(
@@ -385,6 +384,10 @@ def load_torchvision_checkpoint(model: DenseNet, path: str | PathLike) -> None:
 # ---------------------------------------------------------------------------------------
 # Memory-efficient path (memory_efficient=True, training with gradients)
 #
+# With shared_stats (the default) eager training takes the next section's block Function,
+# which keeps the same one buffer and recomputes without checkpointing. This section is
+# the path for shared_stats=False and under torch.compile.
+#
 # Each block allocates one buffer for its output. The block input and every layer's new
 # feature maps are copied into it once; each layer's input is a prefix view, so the
 # inputs the checkpoints keep for backward cost no memory of their own:
@@ -396,7 +399,7 @@ def load_torchvision_checkpoint(model: DenseNet, path: str | PathLike) -> None:
 #
 # Each layer's BN, ReLU and first conv (outputs that grow with depth) are recomputed in
 # backward; only the bottleneck's fixed-size tensors are stored.
-# TorchScript cannot script checkpointing (nor shared_stats' autograd Function), so a
+# TorchScript cannot script checkpointing (nor the shared-statistics Function), so a
 # scripted model takes the plain path: the same outputs and gradients, more memory.
 # ---------------------------------------------------------------------------------------
 
@@ -434,8 +437,8 @@ class _ScratchRunningStats:
             setattr(self.norm, name, buf)
 
 
-def _checkpoint_first_conv(layer: _DenseLayer, *inputs: Tensor | None) -> Tensor:
-    """layer._first_conv(*inputs), keeping only its (linear-size) output for backward."""
+def _checkpoint_first_conv(layer: _DenseLayer, x: Tensor) -> Tensor:
+    """layer._first_conv(x), keeping only its (linear-size) output for backward."""
     if torch.compiler.is_exporting():
         raise RuntimeError(
             "torch.export cannot trace memory_efficient=True in training mode (checkpointing): "
@@ -447,9 +450,7 @@ def _checkpoint_first_conv(layer: _DenseLayer, *inputs: Tensor | None) -> Tensor
     if not torch.compiler.is_compiling():
         kwargs["context_fn"] = lambda: (nullcontext(), _ScratchRunningStats(layer.norm1))
     # preserve_rng_state=False: nothing random inside, dropout comes after
-    return checkpoint(
-        layer._first_conv, *inputs, use_reentrant=False, preserve_rng_state=False, **kwargs
-    )
+    return checkpoint(layer._first_conv, x, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
 class _Append(torch.autograd.Function):
@@ -472,24 +473,55 @@ class _Append(torch.autograd.Function):
         return grad[:, : ctx.split], grad[:, ctx.split :], None
 
 
+def _block_buffer(x: Tensor, channels: int) -> Tensor:
+    """An empty (N, channels, H, W) buffer in x's layout and dtype: a block's output."""
+    n, _, h, w = x.shape
+    layout = torch.channels_last if x.stride(1) == 1 else torch.contiguous_format
+    return torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=layout)
+
+
+def _one_buffer_forward(block: _DenseBlock, x: Tensor) -> Tensor:
+    """The block's training forward with every layer reading a prefix view of one buffer."""
+    buffer = _block_buffer(x, block.out_channels)
+    x = _Append.apply(buffer[:, :0], x, buffer)
+    for layer in block.values():
+        x = _Append.apply(x, layer(x), buffer)
+    return x
+
+
 # ---------------------------------------------------------------------------------------
-# Shared batch statistics (shared_stats=True, training)
+# Shared batch statistics (shared_stats=True: eager training with gradients)
 #
 # In training, layer l's first BN normalises the concatenation [x0 | f1 | ... | f(l-1)]
 # with its batch statistics, and a channel's statistics are the same at every layer that
 # reads it. So each block computes them once per feature map, when it is produced, and
-# every layer's BN only applies its own affine transform and ReLU in one pass:
+# every layer's BN only applies its own affine transform and ReLU:
 #
 #     stats    ( x0 )( f1 )( f2 )          mean, var: computed once each
 #     layer1   norm1: w1 * (x0 - mean) / sqrt(var + eps) + b1, ReLU
 #     layer2   norm1: w2 * ([x0|f1] - mean) / ..., ReLU        shares x0's, f1's
 #     layer3   norm1: w3 * ([x0|f1|f2] - mean) / ..., ReLU     shares x0's, f1's, f2's
 #
-# Gradients flow through the shared statistics as through plain BN's, and each norm1's
-# running statistics are updated from the same numbers, so outputs, gradients and
-# running statistics equal plain BN's. Under SyncBatchNorm (torch.distributed running)
-# the statistics are all-reduced over the norm's process group.
+# The block runs as one autograd Function with its backward written out: ReLU's mask,
+# BN's reductions for each norm1's weight, bias and statistics gradients, and a scaled
+# add of each layer's input gradient into one gradient buffer for the whole block, in
+# place (plain autograd allocates a new sum for every layer). The gradient through a
+# feature map's statistics is added once its gradient is complete. norm2 uses BN's fused
+# training kernels. Outputs, gradients and every BN's running statistics equal plain
+# BN's (the scale of that add is rounded to the gradient's dtype: a mixed bf16/fp32 add
+# is several times slower on the CPU); dropout draws as F.dropout does on the CPU. Under
+# SyncBatchNorm (torch.distributed running) every statistic, and the gradient through it,
+# is all-reduced over the group of the block's first norm. Module hooks on the layers do
+# not run on this path, and it is differentiable once (shared_stats=False for either).
+#
+# With memory_efficient the block keeps its output (one buffer, as above) and each
+# bottleneck's conv1 output; backward recomputes each layer's BN-ReLU input and output
+# and the bottleneck's BN-ReLU from them, and no convolution, so the recomputation costs
+# a few elementwise passes rather than a second forward.
 # ---------------------------------------------------------------------------------------
+
+_DIMS = (0, 2, 3)  # a channel's statistics are over the batch and both spatial dimensions
+_TILE = 64  # channel repeats per row in _rows
 
 
 def _sync_group(norm: nn.Module) -> object | None:
@@ -501,145 +533,291 @@ def _sync_group(norm: nn.Module) -> object | None:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _batch_stats(x: Tensor, norm: nn.Module, source: Tensor | None = None) -> tuple:
-    """x's per-channel batch mean and (biased) variance as rows of one (2, C) tensor, and the
-    number of values behind them: over all processes for a synchronised norm. source: the
-    same values in memory that backward keeps anyway (a view of the block's output)."""
+def _rows(x: Tensor) -> tuple[Tensor, int] | None:
+    """A dense channels_last x as a matrix of rows of r * C values (the channels repeated r
+    times), or None. Per-channel ops then run along long rows, not rows of C values: about
+    4x faster for a bf16 map of 12 channels."""
+    n, c, h, w = x.shape
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return None
+    pixels, r = n * h * w, 1
+    while r < _TILE and pixels % (2 * r) == 0:
+        r *= 2
+    return x.permute(0, 2, 3, 1).reshape(pixels // r, r * c), r
+
+
+def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """scale * x + shift per channel, in float32 or better, dense in x's layout."""
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    layout = torch.channels_last if x.stride(1) == 1 else torch.contiguous_format
+    x = x.to(dtype, memory_format=layout)  # one copy at most: no mixed-dtype or strided ops
+    rows = _rows(x)
+    if rows is None:
+        return torch.addcmul(shift[:, None, None], x, scale[:, None, None])
+    m, r = rows
+    n, c, h, w = x.shape
+    out = torch.addcmul(shift.repeat(r), m, scale.repeat(r))
+    return out.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _batch_stats(x: Tensor, group: object | None) -> tuple[Tensor, Tensor]:
+    """x's per-channel batch mean and biased variance as one (2, C) tensor (two passes, in
+    float32 or better), and the number of values behind them: over all of group's processes."""
     if x.numel() // x.shape[1] <= 1:  # plain BN's own check, in its words
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.shape}"
         )
-    if source is None or torch.compiler.is_exporting():  # export traces forward's ops
-        source = x
-    return _BatchStats.apply(x, source.detach(), _sync_group(norm))
-
-
-_DIMS = (0, 2, 3)  # a channel's statistics are over the batch and both spatial dimensions
-
-
-class _BatchStats(torch.autograd.Function):
-    """Batch statistics (two-pass, float32 or better, all-reduced over group if one is given)
-    differentiable in x, and their count; backward: one elementwise pass over source."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, source: Tensor, group: object | None) -> tuple[Tensor, Tensor]:
-        values = source.float() if source.dtype in (torch.float16, torch.bfloat16) else source
-        count = values.numel() // values.shape[1]
-        mean = values.mean(_DIMS)
-        var = (values - mean[:, None, None]).square_().sum(_DIMS) / count
-        total = x.new_full((), count, dtype=torch.float64)  # a fill, no host-device copy
-        if group is not None:  # sums, sums of squares and counts of every process, in float64
-            sums = torch.cat([mean * count, (var + mean.square()) * count]).double()
-            sums = torch.cat([sums, total[None]])
-            torch.distributed.all_reduce(sums, group=group)
-            c, total = x.shape[1], sums[-1]
-            mean64 = sums[:c] / total
-            mean, var = mean64.to(mean.dtype), (sums[c:-1] / total - mean64.square()).to(var.dtype)
-        ctx.mark_non_differentiable(total)
-        ctx.save_for_backward(source, mean, total)
-        ctx.group = group
+    v = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    count = v.numel() // v.shape[1]
+    rows = _rows(v)
+    if rows is None:
+        mean = v.mean(_DIMS)
+        var = (v - mean[:, None, None]).square_().sum(_DIMS) / count
+    else:
+        m, r = rows
+        mean = m.sum(0).view(r, -1).sum(0) / count
+        var = (m - mean.repeat(r)).square_().sum(0).view(r, -1).sum(0) / count
+    total = v.new_full((), count, dtype=torch.float64)  # a fill, no host-device copy
+    if group is None:
         return torch.stack([mean, var]), total
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, _: Tensor) -> tuple[Tensor, None, None]:
-        source, mean, total = ctx.saved_tensors
-        if ctx.group is not None:  # every process's loss depends on the shared statistics
-            grad = grad.contiguous()
-            torch.distributed.all_reduce(grad, group=ctx.group)
-        scale = 2 * grad[1] / total
-        shift = grad[0] / total - scale * mean
-        grad_x = torch.addcmul(shift[:, None, None], source, scale[:, None, None])
-        return grad_x.to(source.dtype), None, None
+    # sums, sums of squares and counts of every process, in float64
+    sums = torch.cat([mean * count, (var + mean.square()) * count]).double()
+    sums = torch.cat([sums, total[None]])
+    torch.distributed.all_reduce(sums, group=group)
+    c, total = x.shape[1], sums[-1]
+    mean64 = sums[:c] / total
+    var64 = sums[c:-1] / total - mean64.square()
+    return torch.stack([mean64, var64]).to(mean.dtype), total
 
 
-def _update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count) -> None:
+def _stats_backward(g: Tensor, x: Tensor, mean: Tensor, count: Tensor, into: Tensor) -> Tensor:
+    """into plus the gradient reaching x through its batch statistics, g their (2, C)
+    gradient: d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n. A new tensor."""
+    scale = 2 * g[1] / count
+    shift = g[0] / count - scale * mean
+    return _affine(x, scale.to(mean.dtype), shift.to(mean.dtype)).add_(into).to(x.dtype)
+
+
+def _summed(g: Tensor, group: object | None) -> Tensor:
+    """A gradient of shared statistics, summed over group's processes: every process's loss
+    depends on them."""
+    if group is None:
+        return g
+    g = g.contiguous()
+    torch.distributed.all_reduce(g, group=group)
+    return g
+
+
+def _count_batch(norm: nn.Module) -> float:
+    """Count one training batch as plain BN does; the running statistics' update factor."""
+    if not norm.track_running_stats or norm.num_batches_tracked is None:
+        return 0.0 if norm.momentum is None else norm.momentum
+    norm.num_batches_tracked.add_(1)
+    if norm.momentum is None:  # a cumulative moving average, as plain BN keeps it
+        return 1.0 / float(norm.num_batches_tracked)
+    return norm.momentum
+
+
+def _update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count: Tensor) -> None:
     """What plain BN's training forward does to its buffers, from the shared statistics."""
-    if not norm.track_running_stats or norm.running_mean is None:
+    factor = _count_batch(norm)
+    if norm.running_mean is None:
         return
-    with torch.no_grad():
-        norm.num_batches_tracked.add_(1)
-        factor = norm.momentum
-        if factor is None:  # a cumulative moving average, as plain BN keeps it
-            factor = 1.0 / float(norm.num_batches_tracked)
-        unbiased = var * (count / (count - 1))
-        norm.running_mean.mul_(1 - factor).add_(mean.to(norm.running_mean.dtype), alpha=factor)
-        norm.running_var.mul_(1 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)
+    unbiased = var * (count / (count - 1))
+    norm.running_mean.mul_(1 - factor).add_(mean.to(norm.running_mean.dtype), alpha=factor)
+    norm.running_var.mul_(1 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)
 
 
-def _norm_relu(x: Tensor, mean: Tensor, var: Tensor, norm: nn.Module) -> Tensor:
-    """relu(norm's affine transform of x normalised with the given statistics)."""
-    if not torch.compiler.is_exporting():
-        return _NormReLU.apply(x, mean, var, norm.weight, norm.bias, norm.eps)
-    # torch.export inlines _NormReLU.forward, whose batch_norm cannot differentiate in mean
-    # and var: the same in differentiable ops.
-    scale = norm.weight * torch.rsqrt(var + norm.eps)
-    shift = norm.bias - mean * scale
-    return F.relu(x * scale[:, None, None] + shift[:, None, None])
+def _norm_relu(x: Tensor, norm: nn.Module, stats: Tensor) -> Tensor:
+    """relu(norm's affine transform of x normalised with the given (2, C) statistics):
+    BN's eval-mode kernel on a dense x, then ReLU in place."""
+    return torch.batch_norm(
+        x, norm.weight, norm.bias, stats[0], stats[1], False, 0.0, norm.eps, True
+    ).relu_()
 
 
-class _NormReLU(torch.autograd.Function):
-    """relu(weight * (x - mean) / sqrt(var + eps) + bias) with the given batch statistics,
-    differentiable in all of them: one elementwise pass forward, BN's fused kernel back."""
+def _norm_relu_backward(g: Tensor, x: Tensor, y: Tensor, norm: nn.Module, stats: Tensor):
+    """Back through _norm_relu (y its output; g is overwritten): (ReLU's masked gradient,
+    the per-channel scale it reaches x with, the weight and bias gradients, and the (2, C)
+    gradient of the statistics)."""
+    g = torch.ops.aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
+    mean, var = stats[0], stats[1]
+    _, g_weight, g_bias = torch.ops.aten.native_batch_norm_backward(
+        g, x, norm.weight, mean, var, None, None, False, norm.eps, [False, True, True]
+    )
+    invstd = torch.rsqrt(var + norm.eps)
+    scale = norm.weight * invstd
+    g_stats = torch.stack([-g_bias * scale, -0.5 * g_weight * scale * invstd])
+    return g, scale, g_weight, g_bias, g_stats
+
+
+def _conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """conv(x) (stride 1, no bias: the block's convs), in autocast's dtype where it is on."""
+    return F.conv2d(x, conv.weight, None, 1, conv.padding)
+
+
+def _conv_backward(g: Tensor, x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
+    """Gradients of _conv(x) for x and conv.weight, g in the dtype the conv ran in."""
+    weight = conv.weight.to(g.dtype)
+    pad = list(conv.padding)
+    g_x, g_w, _ = torch.ops.aten.convolution_backward(
+        g, x.to(g.dtype), weight, None, [1, 1], pad, [1, 1], False, [0, 0], 1, [True, True, False]
+    )
+    return g_x.to(x.dtype), g_w.to(conv.weight.dtype)
+
+
+def _dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
+    """F.dropout in training, drawing as it does on the CPU, and its scaled mask."""
+    if p == 0:
+        return x, None
+    mask = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return x * mask, mask
+
+
+def _layer_params(layer: _DenseLayer) -> list[Tensor]:
+    """The parameters _layer_forward uses, in the order _layer_backward returns gradients."""
+    params = [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
+    if layer.bottleneck:
+        params += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+    return params
+
+
+# What a layer keeps for backward; None where it is recomputed or does not apply.
+_KEPT = ("x", "y", "z", "r", "mask1", "mask2", "stats2")
+
+
+def _norm2_forward(z: Tensor, norm: nn.Module, group: object | None, count: Tensor):
+    """norm2 in training, with its own batch statistics, and ReLU: (output, the statistics
+    backward needs). BN's fused training kernel (mean and 1/std kept), or under
+    SyncBatchNorm the statistics over group (mean and variance kept)."""
+    if group is not None:
+        stats, _ = _batch_stats(z, group)
+        _update_running_stats(norm, stats[0], stats[1], count)
+        return _norm_relu(z, norm, stats), stats
+    r, mean, invstd = torch.ops.aten.native_batch_norm(
+        z,
+        norm.weight,
+        norm.bias,
+        norm.running_mean,
+        norm.running_var,
+        True,
+        _count_batch(norm),
+        norm.eps,
+    )
+    return r.relu_(), torch.stack([mean, invstd])
+
+
+def _norm2_output(z: Tensor, norm: nn.Module, stats: Tensor, group: object | None) -> Tensor:
+    """_norm2_forward's output again, from what it kept."""
+    if group is None:  # (mean, 1/std) as (mean, var)
+        stats = torch.stack([stats[0], stats[1].pow(-2) - norm.eps])
+    return _norm_relu(z, norm, stats)
+
+
+def _norm2_backward(g, z, r, norm, stats, group, count) -> tuple[Tensor, Tensor, Tensor]:
+    """Back through _norm2_forward (g is overwritten): gradients of z, weight and bias."""
+    if group is not None:
+        g, scale, g_weight, g_bias, g_stats = _norm_relu_backward(g, z, r, norm, stats)
+        into = g.mul_(scale.to(g.dtype)[:, None, None])
+        return _stats_backward(_summed(g_stats, group), z, stats[0], count, into), g_weight, g_bias
+    g = torch.ops.aten.threshold_backward.grad_input(g, r, 0, grad_input=g)
+    running = norm.running_mean, norm.running_var
+    return torch.ops.aten.native_batch_norm_backward(
+        g, z, norm.weight, *running, stats[0], stats[1], True, norm.eps, [True, True, True]
+    )
+
+
+def _layer_forward(layer, x, stats, count, group, lean: bool) -> tuple[Tensor, list]:
+    """The layer's new feature maps from its dense input x with x's statistics, and what it
+    keeps for backward (_KEPT); lean: not x, y and r, which backward recomputes."""
+    _update_running_stats(layer.norm1, stats[0], stats[1], count)
+    y = _norm_relu(x, layer.norm1, stats)
+    z, mask1 = _dropout(_conv(y, layer.conv1), layer.drop_rate)
+    if not layer.bottleneck:
+        return z, [None if lean else x, None if lean else y, None, None, mask1, None, None]
+    r, stats2 = _norm2_forward(z, layer.norm2, group, count)
+    new, mask2 = _dropout(_conv(r, layer.conv2), layer.drop_rate)
+    if lean:
+        return new, [None, None, z, None, mask1, mask2, stats2]
+    return new, [x, y, z, r, mask1, mask2, stats2]
+
+
+def _layer_backward(layer, g, x, stats, count, group, kept: list) -> tuple:
+    """Back through _layer_forward from g, the new maps' gradient: (the masked gradient at
+    norm1's output, the scale it reaches x with, the (2, C) gradient of x's statistics,
+    the parameter gradients in _layer_params' order)."""
+    _, y, z, r, mask1, mask2, stats2 = kept
+    grads = []
+    if layer.bottleneck:
+        g = g if mask2 is None else g * mask2
+        r = _norm2_output(z, layer.norm2, stats2, group) if r is None else r
+        g, g_conv2 = _conv_backward(g, r, layer.conv2)
+        g, g_w2, g_b2 = _norm2_backward(g, z, r, layer.norm2, stats2, group, count)
+        grads = [g_w2, g_b2, g_conv2]
+    g = g if mask1 is None else g * mask1
+    y = _norm_relu(x, layer.norm1, stats) if y is None else y
+    g, g_conv1 = _conv_backward(g, y, layer.conv1)
+    g, scale, g_w1, g_b1, g_stats = _norm_relu_backward(g, x, y, layer.norm1, stats)
+    return g, scale, g_stats, [g_w1, g_b1, g_conv1, *grads]
+
+
+class _SharedStatsBlock(torch.autograd.Function):
+    """A dense block's training forward and backward with shared statistics (above)."""
 
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, eps: float) -> Tensor:
-        y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, True).relu_()
-        ctx.save_for_backward(x, y, mean, var, weight)
-        ctx.eps = eps
-        return y
+    def forward(ctx, x: Tensor, block: _DenseBlock, *params: Tensor) -> Tensor:
+        layers, lean = list(block.values()), block.memory_efficient
+        group = _sync_group(layers[0].norm1)
+        first, count = _batch_stats(x, group)
+        stats = first.new_empty((2, block.out_channels))
+        stats[:, : x.shape[1]] = first
+        x0, buffer = x, _block_buffer(x, block.out_channels) if lean else None
+        if lean:
+            x = buffer[:, : x.shape[1]].copy_(x)
+        kept = []
+        for layer in layers:
+            c = x.shape[1]
+            new, saved = _layer_forward(layer, _dense(x), stats[:, :c], count, group, lean)
+            stats[:, c : c + new.shape[1]] = _batch_stats(new, group)[0]
+            if lean:
+                buffer[:, c : c + new.shape[1]].copy_(new)
+                x = buffer[:, : c + new.shape[1]]
+            else:
+                x = torch.cat([x, new], 1)
+            kept += saved
+        ctx.layers, ctx.group = layers, group
+        ctx.save_for_backward(x0, x, stats, count, *kept)
+        return x
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, y, mean, var, weight = ctx.saved_tensors
-        grad = torch.ops.aten.threshold_backward(grad, y, 0)
-        # Eval-mode BN backward: d/dx = grad * weight * invstd, and the sums that give the
-        # weight, bias and (here, unlike eval) statistics gradients.
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, mean, var, None, None, False, ctx.eps, [True, True, True]
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple:
+        x0, out, stats, count, *kept = ctx.saved_tensors
+        group, n = ctx.group, len(_KEPT)
+        g_out = torch.empty_like(out).copy_(grad)  # the block's gradient buffer, added into
+        g_stats = torch.zeros_like(stats)
+        grads = []
+        for i, layer in reversed(list(enumerate(ctx.layers))):
+            c, saved = layer.norm1.num_features, kept[i * n : (i + 1) * n]
+            end = out.shape[1] if i + 1 == len(ctx.layers) else ctx.layers[i + 1].norm1.num_features
+            new = slice(c, end)  # the layer's new maps: their gradient is now complete
+            g_new_stats = _summed(g_stats[:, new], group)
+            g = _stats_backward(g_new_stats, out[:, new], stats[0, new], count, g_out[:, new])
+            x = _dense(out[:, :c]) if saved[0] is None else saved[0]
+            g, scale, g_stats_x, layer_grads = _layer_backward(
+                layer, g, x, stats[:, :c], count, group, saved
+            )
+            g_out[:, :c].addcmul_(g, scale.to(g.dtype)[:, None, None])
+            g_stats[:, :c] += g_stats_x
+            grads = layer_grads + grads
+        c0 = x0.shape[1]
+        g_x = _stats_backward(
+            _summed(g_stats[:, :c0], group), x0, stats[0, :c0], count, g_out[:, :c0]
         )
-        invstd = torch.rsqrt(var + ctx.eps)
-        scale = weight * invstd
-        grad_mean = -grad_bias * scale
-        grad_var = -0.5 * grad_weight * scale * invstd
-        return grad_x, grad_mean, grad_var, grad_weight, grad_bias, None
+        return g_x, None, *grads
 
 
-# ---------------------------------------------------------------------------------------
-# A block's training forward with one buffer (memory_efficient), shared statistics, or both
-# ---------------------------------------------------------------------------------------
-
-
-def _shared_forward(block: _DenseBlock, x: Tensor, one_buffer: bool) -> Tensor:
-    """The block's training forward. one_buffer: every layer's input is a prefix view of one
-    buffer (memory_efficient); block.shared_stats: batch statistics computed once a map."""
-    layers = list(block.values())
-    buffer = stats_buffer = None
-    if one_buffer:
-        n, _, h, w = x.shape
-        layout = torch.channels_last if x.stride(1) == 1 else torch.contiguous_format
-        buffer = torch.empty(
-            (n, block.out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=layout
-        )
-        x = _Append.apply(buffer[:, :0], x, buffer)
-    stats = _batch_stats(x, layers[0].norm1) if block.shared_stats else None
-    if one_buffer and stats is not None:  # the statistics too: the checkpoints keep one copy
-        stats_buffer = stats[0].new_empty((2, block.out_channels))
-        stats = (_Append.apply(stats_buffer[:, :0], stats[0], stats_buffer), stats[1])
-    for i, layer in enumerate(layers):
-        if stats is None:
-            new = layer(x)
-        else:
-            (mean, var), count = stats
-            _update_running_stats(layer.norm1, mean, var, count)
-            new = layer(x, mean, var)
-        x = _grow(x, new, buffer)
-        if stats is not None and i + 1 < len(layers):
-            # from x's copy of new, which backward keeps anyway, not from new itself
-            new_stats, _ = _batch_stats(new, layer.norm1, x[:, -new.shape[1] :])
-            stats = (_grow(stats[0], new_stats, stats_buffer), stats[1])
-    return x
-
-
-def _grow(x: Tensor, new: Tensor, buffer: Tensor | None) -> Tensor:
-    """[x | new] along dim 1: concatenated, or appended in the buffer x is a prefix of."""
-    return torch.cat([x, new], 1) if buffer is None else _Append.apply(x, new, buffer)
+def _shared_stats_block(block: _DenseBlock, x: Tensor) -> Tensor:
+    """The block's training forward with shared statistics, one Function for the block."""
+    params = [p for layer in block.values() for p in _layer_params(layer)]
+    return _SharedStatsBlock.apply(x, block, *params)

@@ -171,8 +171,8 @@ def test_memory_efficient_equals_plain(bottleneck, drop_rate, shared_stats):
 
 
 def test_memory_efficient_layers_read_one_buffer_per_block():
-    """Each layer's input is a prefix view of the block's output, not a copy of its own."""
-    model = _tiny(True, memory_efficient=True, shared_stats=True)
+    """Plain BN: each layer's input is a prefix view of the block's output, not a copy."""
+    model = _tiny(True, memory_efficient=True)
     block = model.features.denseblock1
     inputs, outputs = [], []
     for layer in block.values():
@@ -180,9 +180,45 @@ def test_memory_efficient_layers_read_one_buffer_per_block():
     block.register_forward_hook(lambda *args: outputs.append(args[-1]))
     model(torch.randn(2, 3, 8, 8, dtype=torch.float64)).sum().backward()
     (out,) = outputs
+    assert len(inputs) == len(block)
     for x in inputs:
         assert x.data_ptr() == out.data_ptr()
         assert torch.equal(x, out[:, : x.shape[1]])
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.2])
+def test_memory_efficient_shared_block_keeps_its_output_and_bottleneck_maps(drop_rate):
+    """Shared statistics: of the block's feature-map-sized tensors, backward keeps the
+    output and each layer's 4k bottleneck maps (and dropout's masks of them), nothing
+    whose size grows with depth."""
+    model = _tiny(True, memory_efficient=True, drop_rate=drop_rate, shared_stats=True)
+    block = model.features.denseblock1
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = block(x)
+    maps = [t for t in kept if t.dim() == 4 and t.shape[0] == 2 and t.shape[2:] == (8, 8)]
+    storage = out.untyped_storage().data_ptr()
+    assert any(t.untyped_storage().data_ptr() == storage for t in maps)
+    others = [t for t in maps if t.untyped_storage().data_ptr() != storage and t is not x]
+    k = block.denselayer1.conv2.out_channels
+    dropout = drop_rate > 0
+    # per layer: the bottleneck maps (4k), and with dropout both masks (4k and k)
+    assert sorted(t.shape[1] for t in others) == sorted(
+        [4 * k] * len(block) * (1 + dropout) + [k] * len(block) * dropout
+    )
+    out.sum().backward()
+
+
+def test_memory_efficient_keeps_under_a_quarter_of_plain():
+    """DenseNet-BC-100-12: memory_efficient with shared statistics keeps at most 25 % of
+    the bytes the plain model keeps for backward (issue 16's target)."""
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    plain = saved_activation_bytes(D.densenet_cifar(100, 12, shared_stats=False), x)
+    torch.manual_seed(0)
+    lean = saved_activation_bytes(D.densenet_cifar(100, 12, memory_efficient=True), x)
+    assert lean <= 0.25 * plain
 
 
 def test_memory_efficient_under_compile_equals_plain():
@@ -244,6 +280,26 @@ def test_shared_stats_equal_plain_bn_in_fp32(memory_efficient, momentum, channel
     plain.eval(), shared.eval()
     with torch.no_grad():
         torch.testing.assert_close(shared(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_shared_stats_under_bf16_autocast_match_plain_bn(memory_efficient):
+    """bf16 autocast, channels_last (the fast CPU mode): the convs run in bf16 on both
+    paths, and outputs and gradients agree to bf16 rounding."""
+    cl = torch.channels_last
+    plain = _tiny(True, drop_rate=0.2, dtype=torch.float32).to(memory_format=cl)
+    shared = _tiny(True, memory_efficient, 0.2, shared_stats=True, dtype=torch.float32)
+    shared = shared.to(memory_format=cl)
+    x = torch.randn(8, 3, 8, 8).to(memory_format=cl)
+    y = torch.randint(0, 3, (8,))
+    with torch.autocast("cpu", torch.bfloat16):
+        a, b = _train_step(plain, x, y, 0), _train_step(shared, x, y, 0)
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
+    for (name, p), q in zip(plain.named_parameters(), shared.parameters(), strict=True):
+        assert q.grad.dtype == torch.float32, name
+        err = (q.grad - p.grad).norm() / p.grad.norm()
+        assert err < 0.05, (name, err.item())
 
 
 def test_shared_stats_leave_norm1_unused_and_plain_bn_used_without_it():
@@ -438,9 +494,9 @@ def test_truncated_checkpoint_is_truncated_or_corrupt_in_one_line(tmp_path):
     assert "\n" not in message and "truncated or corrupt" in message
 
 
-def _sync_block(memory_efficient: bool, shared_stats: bool) -> nn.Module:
+def _sync_block(memory_efficient: bool, shared_stats: bool, bottleneck: bool) -> nn.Module:
     torch.manual_seed(0)
-    block = D._DenseBlock(3, 4, 3, memory_efficient, shared_stats, bottleneck=False, drop_rate=0.0)
+    block = D._DenseBlock(3, 4, 3, memory_efficient, shared_stats, bottleneck=bottleneck, drop_rate=0)
     with torch.no_grad():  # non-trivial affine transforms
         for m in block.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -467,30 +523,31 @@ def _sync_worker(rank: int, world: int, init_file: str, x: torch.Tensor, out_dir
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for memory_efficient in (False, True):
-            block = nn.SyncBatchNorm.convert_sync_batchnorm(_sync_block(memory_efficient, True))
+        for case in SYNC_CASES:
+            block = nn.SyncBatchNorm.convert_sync_batchnorm(_sync_block(case[0], True, case[1]))
             res = _block_results(block, x.chunk(world)[rank])
             for g in res["grads"]:  # each rank holds its part of the full batch's gradient
                 dist.all_reduce(g)
-            torch.save(res, f"{out_dir}/rank{rank}-{memory_efficient}.pt")
+            torch.save(res, f"{out_dir}/rank{rank}-{case}.pt")
     finally:
         dist.destroy_process_group()
 
 
+SYNC_CASES = [(me, bottleneck) for me in (False, True) for bottleneck in (False, True)]
+
+
 def test_shared_stats_under_sync_batchnorm_are_the_synchronised_ones(tmp_path):
-    """2 gloo processes with half the batch each equal one process with all of it."""
+    """2 gloo processes with half the batch each equal one process with all of it: norm1's
+    shared statistics and norm2's own, with and without memory_efficient."""
     world = 2
     torch.manual_seed(3)
     x = torch.randn(6, 4, 5, 5, dtype=torch.float64) * 2 + 0.5
     torch.multiprocessing.spawn(
         _sync_worker, args=(world, str(tmp_path / "init"), x, str(tmp_path)), nprocs=world
     )
-    want = _block_results(_sync_block(False, shared_stats=False), x)  # plain BN, whole batch
-    for memory_efficient in (False, True):
-        got = [
-            torch.load(tmp_path / f"rank{r}-{memory_efficient}.pt", weights_only=True)
-            for r in range(world)
-        ]
+    for case in SYNC_CASES:
+        want = _block_results(_sync_block(False, False, case[1]), x)  # plain BN, whole batch
+        got = [torch.load(tmp_path / f"rank{r}-{case}.pt", weights_only=True) for r in range(world)]
         for key in ("out", "x_grad"):
             torch.testing.assert_close(
                 torch.cat([g[key] for g in got]), want[key], rtol=1e-10, atol=1e-10
