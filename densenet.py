@@ -411,10 +411,15 @@ def _recomputes(memory_efficient: bool, training: bool) -> bool:
     )
 
 
+def _layout(x: Tensor) -> torch.memory_format:
+    """channels_last for a tensor laid out so (a prefix view of the buffer too), else NCHW."""
+    return torch.channels_last if x.stride(1) == 1 else torch.contiguous_format
+
+
 def _dense(x: Tensor) -> Tensor:
     """x in one dense block of memory, in its own layout: a prefix view of the shared buffer
     is strided, and BN's fast kernels need a dense tensor (a no-op on the plain path)."""
-    if x.stride(1) == 1:
+    if x.stride(1) == 1:  # _layout's test, written out: TorchScript compiles this one
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()
 
@@ -476,8 +481,9 @@ class _Append(torch.autograd.Function):
 def _block_buffer(x: Tensor, channels: int) -> Tensor:
     """An empty (N, channels, H, W) buffer in x's layout and dtype: a block's output."""
     n, _, h, w = x.shape
-    layout = torch.channels_last if x.stride(1) == 1 else torch.contiguous_format
-    return torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=layout)
+    return torch.empty(
+        (n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=_layout(x)
+    )
 
 
 def _one_buffer_forward(block: _DenseBlock, x: Tensor) -> Tensor:
@@ -546,20 +552,6 @@ def _rows(x: Tensor) -> tuple[Tensor, int] | None:
     return x.permute(0, 2, 3, 1).reshape(pixels // r, r * c), r
 
 
-def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """scale * x + shift per channel, in float32 or better, dense in x's layout."""
-    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    layout = torch.channels_last if x.stride(1) == 1 else torch.contiguous_format
-    x = x.to(dtype, memory_format=layout)  # one copy at most: no mixed-dtype or strided ops
-    rows = _rows(x)
-    if rows is None:
-        return torch.addcmul(shift[:, None, None], x, scale[:, None, None])
-    m, r = rows
-    n, c, h, w = x.shape
-    out = torch.addcmul(shift.repeat(r), m, scale.repeat(r))
-    return out.view(n, h, w, c).permute(0, 3, 1, 2)
-
-
 def _batch_stats(x: Tensor, group: object | None) -> tuple[Tensor, Tensor]:
     """x's per-channel batch mean and biased variance as one (2, C) tensor (two passes, in
     float32 or better), and the number of values behind them: over all of group's processes."""
@@ -592,10 +584,21 @@ def _batch_stats(x: Tensor, group: object | None) -> tuple[Tensor, Tensor]:
 
 def _stats_backward(g: Tensor, x: Tensor, mean: Tensor, count: Tensor, into: Tensor) -> Tensor:
     """into plus the gradient reaching x through its batch statistics, g their (2, C)
-    gradient: d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n. A new tensor."""
+    gradient: d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n. A new dense tensor in
+    x's dtype (scale and shift rounded to it: mixed-dtype ops are several times slower)."""
     scale = 2 * g[1] / count
     shift = g[0] / count - scale * mean
-    return _affine(x, scale.to(mean.dtype), shift.to(mean.dtype)).add_(into).to(x.dtype)
+    layout = _layout(x)
+    out = torch.empty_like(x, memory_format=layout).copy_(into)
+    x = x.contiguous(memory_format=layout)
+    rows, x_rows = _rows(out), _rows(x)
+    if rows is None:
+        return out.addcmul_(x, scale.to(x.dtype)[:, None, None]).add_(
+            shift.to(x.dtype)[:, None, None]
+        )
+    (m, r), (xm, _) = rows, x_rows
+    m.addcmul_(xm, scale.to(x.dtype).repeat(r)).add_(shift.to(x.dtype).repeat(r))
+    return out
 
 
 def _summed(g: Tensor, group: object | None) -> Tensor:
