@@ -9,8 +9,10 @@ one step of its profiled cases and groups the operators' self time:
   --study bf16 (default): the plain and the memory_efficient step with bf16 autocast +
     channels_last, and the fp32 NCHW memory_efficient step with and without
     keep_freed_memory (the figures behind README's CPU notes).
-  --study shared-stats: fp32 eager, shared batch statistics against plain per-layer BN,
-    NCHW and channels_last (issue 16's comparison; the profile behind README's table).
+  --study shared-stats: shared batch statistics against plain per-layer BN, fp32 in NCHW
+    and channels_last, and bf16 + channels_last (the fastest CPU mode); memory_efficient;
+    and a bound: the plain model with every dense layer's norm1 and its ReLU removed (not
+    a DenseNet, the speed no implementation of them can beat). Issue 16's comparison.
 """
 
 import argparse
@@ -22,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.profiler import profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,14 +55,18 @@ BF16 = {
         False,
     ),
 }
+VARIANTS = ("plain BN", "shared", "no norm1", "memory_efficient")  # of the shared-stats study
 SHARED_STATS = {
-    f"fp32 {layout} {bn}": (
-        bench.Mode(f"{layout} {bn}", layout == "channels_last", shared_stats=bn == "shared"),
+    f"{amp} {layout} {bn}": (
+        bench.Mode(f"{amp} {layout} {bn}", layout == "channels_last", "off" if amp == "fp32" else amp,
+                   memory_efficient=bn == "memory_efficient",
+                   shared_stats=bn in ("shared", "memory_efficient")),
         True,
     )
-    for layout in ("NCHW", "channels_last")
-    for bn in ("plain BN", "shared")
-}
+    for amp, layout in (("fp32", "NCHW"), ("fp32", "channels_last"), ("bf16", "channels_last"))
+    for bn in VARIANTS
+    if bn != "memory_efficient" or amp == "bf16"
+}  # fmt: skip
 CASES = {**BF16, **SHARED_STATS}
 
 
@@ -71,6 +78,10 @@ def steps(case: str, n: int, profiled: bool) -> tuple[list[float], dict]:
         engine.keep_freed_memory()
     cpu = torch.device("cpu")
     model, opt, scaler, x, y = bench.prepare("densenet-bc-100-12", 64, mode, cpu)
+    if case.endswith("no norm1"):  # the bound: the plain path with norm1 and ReLU gone
+        for name, m in model.named_modules():
+            if name.rsplit(".", 1)[-1].startswith("denselayer"):
+                m.norm1, m.relu1 = nn.Identity(), nn.Identity()
     times = []
     for _ in range(3 + n):
         start = time.perf_counter()
@@ -102,12 +113,14 @@ def bf16_ratios(median: dict[str, float]) -> None:
 
 
 def shared_stats_ratios(median: dict[str, float]) -> None:
-    """Shared statistics' speed-up over plain BN per layout, and best mode against best."""
-    for layout in ("NCHW", "channels_last"):
-        speedup = median[f"fp32 {layout} plain BN"] / median[f"fp32 {layout} shared"]
-        print(f"fp32 {layout}: shared statistics {speedup:.2f}x the plain per-layer BN step")
-    best_plain = min(median["fp32 NCHW plain BN"], median["fp32 channels_last plain BN"])
-    best_shared = min(median["fp32 NCHW shared"], median["fp32 channels_last shared"])
+    """Each variant's speed against the plain per-layer BN step in the same settings."""
+    for case, m in median.items():
+        variant = next(v for v in VARIANTS if case.endswith(v))
+        plain = median[case.removesuffix(variant) + "plain BN"]
+        if variant != "plain BN":
+            print(f"{case}: {plain / m:.2f}x the plain BN step")
+    best_plain = min(m for case, m in median.items() if case.endswith("plain BN"))
+    best_shared = min(m for case, m in median.items() if case.endswith("shared"))
     print(f"best shared mode {best_plain / best_shared:.2f}x the best plain mode")
 
 
@@ -117,7 +130,7 @@ STUDIES = {
     "shared-stats": (
         SHARED_STATS,
         shared_stats_ratios,
-        ("fp32 channels_last plain BN", "fp32 channels_last shared"),
+        ("bf16 channels_last plain BN", "bf16 channels_last shared"),
     ),
 }
 
