@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Checks that memory_efficient=True stores activations linear in depth (plain: quadratic):
-bytes autograd keeps for backward, parameters excluded, for DenseNet-BC depths 40..250.
+bytes autograd keeps for backward, parameters excluded, for DenseNet-BC depths 40..250;
+memory_efficient with shared statistics (the default) and with plain per-layer BN (the
+checkpointed path).
 
 Run: python attic/memory_vs_depth.py [--growth 12 --batch 16 --size 32]
 """
@@ -25,14 +27,16 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     a = p.parse_args()
     x = torch.randn(a.batch, 3, a.size, a.size)
-    print("| depth | plain MiB | memory_efficient MiB | ratio |\n|---|---|---|---|")
+    print("| depth | plain MiB | memory_efficient MiB | ratio | memory_efficient, plain BN MiB | ratio |")
+    print("|---|---|---|---|---|---|")
+    kinds = ({}, {"memory_efficient": True}, {"memory_efficient": True, "shared_stats": False})
     for depth in (40, 70, 100, 160, 250):
-        plain, lean = (
-            saved_activation_bytes(densenet.densenet_cifar(depth, a.growth, memory_efficient=e), x)
-            / 2**20
-            for e in (False, True)
+        plain, lean, checkpointed = (
+            saved_activation_bytes(densenet.densenet_cifar(depth, a.growth, **kw), x) / 2**20
+            for kw in kinds
         )
-        print(f"| {depth} | {plain:.0f} | {lean:.0f} | {lean / plain:.2f} |")
+        print(f"| {depth} | {plain:.0f} | {lean:.0f} | {lean / plain:.2f} "
+              f"| {checkpointed:.0f} | {checkpointed / plain:.2f} |")
 
 
 if __name__ == "__main__":
