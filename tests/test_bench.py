@@ -138,13 +138,14 @@ EFFICIENT_BF16 = bench.Mode("memory_efficient", True, "bf16", memory_efficient=T
 # Tolerances: loss (relative) and, for fp32, each tensor's update (relative to its norm).
 # NCHW and channels_last use different fp32 kernels; training-mode BN at initialisation
 # amplifies their rounding (each is ~1e-3 of the update away from float64), hence 5e-2.
-# memory_efficient recomputes with the very same kernels, so it matches bit for bit.
+# memory_efficient recomputes norm2's output from its saved mean and 1/std (as a variance),
+# which matches the forward's to fp32 rounding, not bit for bit.
 @pytest.mark.parametrize(
     ("fast", "reference", "loss_rtol", "update_rtol"),
     [
         (CHANNELS_LAST, REFERENCE, 1e-5, 5e-2),
         (BF16, REFERENCE, 2e-2, None),
-        (EFFICIENT, CHANNELS_LAST, 1e-5, 1e-6),
+        (EFFICIENT, CHANNELS_LAST, 1e-5, 1e-5),
         (EFFICIENT_BF16, REFERENCE, 2e-2, None),
     ],
     ids=["channels_last", "bf16", "memory_efficient", "memory_efficient-bf16"],
