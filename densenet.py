@@ -772,7 +772,7 @@ class _SharedStatsBlock(torch.autograd.Function):
         layers, lean = list(block.values()), block.memory_efficient
         group = _sync_group(layers[0].norm1)
         first, count = _batch_stats(x, group)
-        stats = first.new_empty((2, block.out_channels))
+        stats = first.new_zeros((2, block.out_channels))  # the last maps' stay 0: unread
         stats[:, : x.shape[1]] = first
         x0, buffer = x, _block_buffer(x, block.out_channels) if lean else None
         if lean:
@@ -781,7 +781,8 @@ class _SharedStatsBlock(torch.autograd.Function):
         for layer in layers:
             c = x.shape[1]
             new, saved = _layer_forward(layer, _dense(x), stats[:, :c], count, group, lean)
-            stats[:, c : c + new.shape[1]] = _batch_stats(new, group)[0]
+            if layer is not layers[-1]:
+                stats[:, c : c + new.shape[1]] = _batch_stats(new, group)[0]
             if lean:
                 buffer[:, c : c + new.shape[1]].copy_(new)
                 x = buffer[:, : c + new.shape[1]]
