@@ -196,7 +196,7 @@ def build_data(a, place: Placement) -> tuple[data.DatasetInfo, data.BatchSource,
 
 
 def build_optimizer(a, model: nn.Module):
-    """SGD and the step schedule of the recipe; fused on CUDA (one kernel, and GradScaler
+    """SGD and the recipe's schedule rule (recipes.lr_drops); fused on CUDA (one kernel, and GradScaler
     then unscales and checks for infs on the device, without a host sync)."""
     if a.model == "diracnet":  # decay on conv and linear weights only (official recipe)
         params = diracnet.weight_decay_groups(model, a.weight_decay)
@@ -207,9 +207,8 @@ def build_optimizer(a, model: nn.Module):
         opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov, **fused)
     except ValueError as e:
         raise UserError(f"{e} (--lr, --momentum, --weight-decay, --nesterov)") from None
-    # at least one epoch at the initial lr, however short the run
-    milestones = sorted({max(1, round(f * a.epochs)) for f in a.milestones})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=a.gamma)
+    drops = recipes.lr_drops(a.schedule, a.milestones, a.epochs)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, drops, gamma=a.gamma)
     return opt, sched
 
 
@@ -228,9 +227,14 @@ def wrap(net: nn.Module, a, place: Placement, train: data.BatchSource) -> nn.Mod
         model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     if not a.compile:
         return model
+    t0 = time.perf_counter()
     model, failure = engine.compile_or_eager(model, net, a.compile_mode, train, a.amp, place.world)
-    if failure and place.rank == 0:
+    if failure:
+        a.compile = False  # args.json says what runs
+    if place.rank == 0 and failure:
         print(f"warning: torch.compile failed, training eagerly: {failure}", file=sys.stderr)
+    elif place.rank == 0:
+        print(f"compiled the model in {time.perf_counter() - t0:.0f} s", flush=True)
     return model
 
 
@@ -398,9 +402,10 @@ def configure(given: dict, place: Placement) -> tuple:
     return a, notes, ckpt
 
 
-def build(a, place: Placement, ckpt: dict | None) -> tuple:
+def build(a, place: Placement, ckpt: dict | None, notes: list[str]) -> tuple:
     """(state, model, info, training batches, evaluation batches): the model is built and
-    checked before any data is read; the run folder exists once this returns."""
+    checked before any data is read; the run folder exists once this returns. A CPU run
+    too short to pay back compiling is not compiled (a note says so)."""
     torch.manual_seed(a.seed + place.rank)  # dropout differs per rank; data draws are shared
     random.seed(a.seed)
     np.random.seed(a.seed)
@@ -419,6 +424,12 @@ def build(a, place: Placement, ckpt: dict | None) -> tuple:
     state = runstate.RunState(net, opt, sched, scaler, train_batches.generator, place.rank, place.world)
     if ckpt is not None:
         state.load_state_dict(ckpt)
+    a.lr_drops = sorted(sched.milestones.elements())  # as it runs (a checkpoint's own)
+    steps_left = len(train_batches) * (a.epochs - state.epoch) - state.step
+    if a.compile and not recipes.compile_pays(a, place.device.type, steps_left):
+        a.compile = False
+        notes.append(f"compile off: {steps_left} training steps left are too few to pay back "
+                     f"compiling on the CPU (--compile compiles anyway)")  # fmt: skip
     return state, wrap(net, a, place, train_batches), info, train_batches, evals
 
 
@@ -426,7 +437,7 @@ def train(given: dict, place: Placement) -> int:
     """configure → build → restore → fit → finish."""
     a, notes, ckpt = configure(given, place)
     with engine.process_settings(place.device, a.deterministic) as stop:
-        state, model, info, train_batches, evals = build(a, place, ckpt)
+        state, model, info, train_batches, evals = build(a, place, ckpt, notes)
         out = Reporter(Path(a.save), a, place, state.epoch)
         for note in notes:
             out.say(f"note: {note}")

@@ -2,6 +2,7 @@
 schedules."""
 
 import argparse
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ CAPABILITY_CASES = [
     (recipes.Capabilities("cuda", True, True), {"amp": "bf16", "channels_last": True, "compile": True}),
     (recipes.Capabilities("cuda", False, True), {"amp": "fp16", "channels_last": True, "compile": True}),
     (recipes.Capabilities("cuda", False, False), {"amp": "fp16", "channels_last": True, "compile": False}),
-    (recipes.Capabilities("cpu", True, True), {"amp": "bf16", "channels_last": True, "compile": False}),
+    (recipes.Capabilities("cpu", True, True), {"amp": "bf16", "channels_last": True, "compile": True}),
     (recipes.Capabilities("cpu", False, True), {"amp": "off", "channels_last": True, "compile": False}),
     (recipes.Capabilities("mps", False, False), {"amp": "off", "channels_last": False, "compile": False}),
 ]
@@ -39,6 +40,22 @@ def test_fast_path_defaults_follow_the_device(caps, expected):
     assert recipes.device_defaults(caps) == expected
     a, _ = recipes.resolve({"dataset": "mnist"}, caps)
     assert {k: getattr(a, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_a_cpu_compiles_by_default_only_where_it_pays(native_bf16):
+    """Compiled by default only on a CPU with native bf16 and for a run long enough to pay
+    back the compile time; --compile typed always compiles."""
+    caps = recipes.Capabilities("cpu", native_bf16, True)
+    a, _ = recipes.resolve({}, caps)
+    assert "compile" in a.device_chose
+    long, short = recipes.CPU_COMPILE_MIN_STEPS, recipes.CPU_COMPILE_MIN_STEPS - 1
+    assert recipes.compile_pays(a, "cpu", long) is native_bf16
+    assert recipes.compile_pays(a, "cpu", short) is False
+    typed, _ = recipes.resolve({"compile": True}, caps)
+    assert "compile" not in typed.device_chose and recipes.compile_pays(typed, "cpu", 1)
+    cuda, _ = recipes.resolve({}, recipes.Capabilities("cuda", True, True))
+    assert recipes.compile_pays(cuda, "cuda", 1)
 
 
 def test_this_cpu_is_probed_from_its_flags():
@@ -69,9 +86,7 @@ def lr_drops(given: dict) -> tuple[list[int], "argparse.Namespace"]:
     return drops, a
 
 
-# The official code's schedules, counted from 0 (see recipes.py for the lines that decide):
-# liuzhuang13/DenseNet `epoch >= 0.5 * nEpochs` with epochs counted from 1; its ImageNet
-# floor((epoch - 1) / 30); szagoruyko/diracnets `epoch + 1 in epoch_step`.
+# The official code's schedules at their default lengths, counted from 0.
 OFFICIAL = [
     ({"dataset": "cifar10"}, [149, 224], {"batch_size": 64, "nesterov": True, "weight_decay": 1e-4, "gamma": 0.1}),
     ({"dataset": "imagenet"}, [30, 60], {"batch_size": 256, "nesterov": True, "colour_augment": True}),
@@ -81,7 +96,8 @@ OFFICIAL = [
     ({"dataset": "imagenet", "arch": "diracnet18"}, [29, 59, 89],
      {"epochs": 100, "batch_size": 256, "nesterov": False, "weight_decay": 1e-4, "gamma": 0.1,
       "colour_augment": False, "restart_momentum": True}),
-    ({"dataset": "svhn"}, [20, 30], {"epochs": 40, "augment": False, "drop_rate": 0.2}),
+    ({"dataset": "svhn"}, [19, 29], {"epochs": 40, "augment": False, "drop_rate": 0.2}),
+    ({"dataset": "fashion-mnist"}, [19, 29], {"epochs": 40, "schedule": "lua"}),
 ]  # fmt: skip
 
 
@@ -90,3 +106,54 @@ def test_recipes_follow_the_official_code(given, drops, settings):
     found, a = lr_drops(given)
     assert found == drops
     assert {k: getattr(a, k) for k in settings} == settings
+
+
+# The official rules, transcribed from the code that runs them, for every length N.
+def lua_lr(epoch: int, n: int) -> float:
+    """liuzhuang13/DenseNet train.lua, Trainer:learningRate (CIFAR), epoch from 1."""
+    decay = 2 if epoch >= 0.75 * n else 1 if epoch >= 0.5 * n else 0
+    return 0.1 * 0.1**decay
+
+
+def lua_imagenet_lr(epoch: int, n: int) -> float:
+    """The same function's ImageNet branch: floor((epoch - 1) / 30) drops."""
+    return 0.1 * 0.1 ** ((epoch - 1) // 30)
+
+
+def diracnet_lrs(n: int, fractions: list[float]) -> list[float]:
+    """szagoruyko/diracnets train.py: on_start_epoch makes a new optimizer with lr * 0.2
+    when epoch (from 1) is in epoch_step; the steps are f * N rounded half up."""
+    epoch_step = [int(Decimal(repr(f)) * n + Decimal("0.5")) for f in fractions]
+    lr, lrs = 0.1, []
+    for epoch in range(1, n + 1):
+        if epoch in epoch_step:
+            lr *= 0.2
+        lrs.append(lr)
+    return lrs
+
+
+def trained_lrs(given: dict) -> list[float]:
+    """The lr of every epoch as train.py's optimizer and scheduler set it."""
+    a, _ = recipes.resolve(given, recipes.Capabilities("cpu", False, True))
+    opt, sched = train.build_optimizer(a, torch.nn.Linear(2, 2))
+    lrs = []
+    for _ in range(a.epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_schedules_follow_the_official_rules_for_any_length():
+    for n in range(1, 401):
+        epochs = range(1, n + 1)
+        assert trained_lrs({"epochs": n}) == pytest.approx([lua_lr(e, n) for e in epochs]), n
+        imagenet = trained_lrs({"epochs": n, "dataset": "imagenet"})
+        assert imagenet == pytest.approx([lua_imagenet_lr(e, n) for e in epochs]), n
+        dirac = trained_lrs({"epochs": n, "model": "diracnet"})
+        assert dirac == pytest.approx(diracnet_lrs(n, [0.3, 0.6, 0.8])), n
+
+
+def test_every30_takes_no_fractions():
+    with pytest.raises(recipes.UserError, match="every30"):
+        recipes.resolve({"dataset": "imagenet", "milestones": [0.5]}, recipes.Capabilities("cpu", False, True))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torchvision import datasets
 
+import recipes
 import synthetic
 import train
 
@@ -135,6 +136,7 @@ def test_default_save_folder_and_paper_recipe(tmp_path, monkeypatch, capsys):
         "gamma": 0.1,
     }
     assert args["milestones"] == [0.5, 0.75] and args["compression"] == 0.5
+    assert args["schedule"] == "lua" and args["lr_drops"] == recipes.lr_drops("lua", [0.5, 0.75], args["epochs"])
 
 
 def test_figures_and_tensorboard(tmp_path, capsys):
@@ -529,17 +531,28 @@ def test_val_split_chooses_best_pt_and_the_test_error_is_reported(tmp_path, caps
 
 
 def test_diracnet_restarts_momentum_at_each_lr_drop(tmp_path, capsys):
-    synthetic.make_mnist(tmp_path / "data", "mnist", n_train=64, n_test=32)
+    """One step an epoch; the lr drops at the start of epoch 2 (step round(0.9 * 2) = 2).
+    SGD's buffer after step t is b_t = 0.9 b_(t-1) + d_t, and both runs take the same
+    step 1 (so the same d_2): without a restart b_2 = 0.9 b_1 + d_2, with one b_2 = d_2,
+    so their difference is 0.9 b_1, b_1 read from a one-epoch run."""
+    synthetic.make_mnist(tmp_path / "data", "mnist", n_train=32, n_test=32)
     argv = ["--model", "diracnet", "--dataset", "mnist", "--data-dir", tmp_path / "data",
-            "--depth", 10, "--width", 0.25, "--batch-size", 32, "--epochs", 2,
-            "--milestones", 0.9, "--no-plot", "--device", "cpu"]  # fmt: skip
-    for flag, cleared in [("--restart-momentum", True), ("--no-restart-momentum", False)]:
-        save = tmp_path / flag
-        assert run([*argv, flag, "--save", save], capsys)[0] == 0
+            "--depth", 10, "--width", 0.25, "--batch-size", 32, "--milestones", 0.9,
+            "--no-plot", "--device", "cpu"]  # fmt: skip
+    buffers = {}
+    for flag, epochs in [("--restart-momentum", 2), ("--no-restart-momentum", 2), ("--restart-momentum", 1)]:
+        save = tmp_path / f"{flag}{epochs}"
+        assert run([*argv, flag, "--epochs", epochs, "--save", save], capsys)[0] == 0
         ckpt = torch.load(save / "latest.pt", weights_only=True)
         assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.02)  # dropped
-        assert (ckpt["optimizer"]["state"] == {}) == cleared
-    args = json.loads((tmp_path / "--restart-momentum" / "args.json").read_text())
+        buffers[flag, epochs] = [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()]
+    restarted, kept = buffers["--restart-momentum", 2], buffers["--no-restart-momentum", 2]
+    for b2, k2, b1 in zip(restarted, kept, buffers["--restart-momentum", 1], strict=True):
+        # one fp32 add apart: within a few ulps of the largest term
+        scale = float(k2.abs().max() + b2.abs().max())
+        torch.testing.assert_close(k2 - b2, 0.9 * b1, rtol=0, atol=1e-6 * scale)
+        assert not torch.equal(k2, b2)
+    args = json.loads((tmp_path / "--restart-momentum2" / "args.json").read_text())
     a, _ = train.recipes.resolve({"model": "diracnet"}, train.recipes.probe(torch.device("cpu")))
     assert args["restart_momentum"] and a.restart_momentum  # the official trainer's default
 
