@@ -14,7 +14,6 @@ code or memory high-water mark. img/s is the batch over the median step after wa
 import argparse
 import datetime
 import importlib.util
-import inspect
 import json
 import multiprocessing as mp
 import os
@@ -38,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import densenet
 import engine
+import sharedstats
 import train
 
 try:
@@ -79,7 +79,7 @@ CPU_MODELS = ["densenet-bc-100-12"]
 CUDA_MODELS = [name for name in OURS if name != "tiny"]
 # DenseNet-BC's recipe (paper Sec. 4.2) for train.build_optimizer.
 RECIPE = {"model": "densenet", "lr": 0.1, "momentum": 0.9, "nesterov": True,
-          "weight_decay": 1e-4, "epochs": 300, "milestones": [0.5, 0.75], "gamma": 0.1}  # fmt: skip
+          "weight_decay": 1e-4, "epochs": 300, "schedule": "lua", "milestones": [0.5, 0.75], "gamma": 0.1}  # fmt: skip
 
 # Dense peak FLOP/s from NVIDIA's datasheets: (part of the device name, bf16/fp16, TF32).
 # fp32 rows use TF32: cuDNN runs fp32 convolutions on TF32 tensor cores by default.
@@ -117,14 +117,14 @@ class UsageError(Exception):
 @dataclass(frozen=True)
 class Mode:
     """One row's settings; the fast paths are cumulative, as train.py combines them.
-    shared_stats None is the model's default; False is plain per-layer BatchNorm."""
+    shared_stats: our model through sharedstats.convert_shared_stats (eager CPU rows)."""
 
     name: str
     channels_last: bool = False
     amp: str = "off"
     compile: str | None = None  # torch.compile mode, or None for eager
     memory_efficient: bool = False
-    shared_stats: bool | None = None
+    shared_stats: bool = False
 
     @property
     def settings(self) -> str:
@@ -134,7 +134,7 @@ class Mode:
             f"compile({self.compile})" if self.compile else "eager",
         ]
         parts += ["memory_efficient"] * self.memory_efficient
-        return ", ".join(parts + ["plain BN"] * (self.shared_stats is False))
+        return ", ".join(parts + ["shared stats"] * self.shared_stats)
 
 
 class Row(NamedTuple):
@@ -164,16 +164,11 @@ def modes(device_type: str, cpu_compile: bool = False) -> list[Mode]:
     return out
 
 
-def has_shared_stats() -> bool:
-    """Whether densenet.DenseNet has the shared-statistics block (issue 16) to compare."""
-    return "shared_stats" in inspect.signature(densenet.DenseNet).parameters
-
-
 def model_modes(name: str, device_type: str, cpu_compile: bool = False) -> list[Mode]:
-    """modes(), plus naive with plain per-layer BN for our models when densenet.py has both."""
+    """modes(), plus naive with shared batch statistics for our models on the CPU."""
     out = modes(device_type, cpu_compile)
-    if name in OURS and has_shared_stats():
-        out.insert(1, Mode("naive-plain-bn", shared_stats=False))
+    if name in OURS and device_type == "cpu":
+        out.insert(1, Mode("naive-shared-stats", shared_stats=True))
     return out
 
 
@@ -262,10 +257,9 @@ def prepare(name: str, batch: int, mode: Mode, device: torch.device, size: int |
     torch.manual_seed(0)
     factory, default_size, _ = MODELS[name]
     size = size or default_size
-    kwargs = {"memory_efficient": mode.memory_efficient}
-    if mode.shared_stats is not None:
-        kwargs["shared_stats"] = mode.shared_stats
-    model = factory(**kwargs).to(device)
+    model = factory(memory_efficient=mode.memory_efficient).to(device)
+    if mode.shared_stats:
+        model = sharedstats.convert_shared_stats(model)
     classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
@@ -364,13 +358,14 @@ def summarise(mode: Mode, batch: int, times: list[float], mem: int | None) -> Ro
 def after_first_round(name: str, rows: list[Row]) -> list[Mode]:
     """Rows added once the first round's speed modes are measured: memory_efficient with
     the fastest one's settings and with naive's (the cost at equal precision), and the
-    fastest one with plain per-layer BN where shared statistics are measured."""
-    speed = [r for r in rows if r.mode.shared_stats is not False]
-    fastest = max(speed[1:] or speed, key=lambda r: r.img_per_s).mode
+    fastest eager one with shared batch statistics where they are measured."""
+    speed = [r for r in rows if not r.mode.shared_stats]
     naive = replace(speed[0].mode, name="memory_efficient-naive", memory_efficient=True)
     out = [efficient_mode(speed[1:] or speed), naive]
-    if any(r.mode.shared_stats is False for r in rows):
-        out.append(replace(fastest, name=f"{fastest.name}-plain-bn", shared_stats=False))
+    if any(r.mode.shared_stats for r in rows):
+        eager = [r for r in speed[1:] if r.mode.compile is None] or speed
+        fastest = max(eager, key=lambda r: r.img_per_s).mode
+        out.append(replace(fastest, name=f"{fastest.name}-shared-stats", shared_stats=True))
     return out
 
 
@@ -426,7 +421,7 @@ def bench_model(name: str, batch: int, a: argparse.Namespace, device_name: str) 
             if not extra:  # the first round's speed modes are done
                 extra = pending = [x for x in after_first_round(name, rows(name)) if chosen(x, a)]
                 for m in plan:
-                    plan[m] += [e for e in extra if m == name or e.shared_stats is None]
+                    plan[m] += [e for e in extra if m == name or not e.shared_stats]
     records = []
     for m in plan:
         measured, flops = rows(m), flops_per_img(m, batch, a.size)
@@ -510,11 +505,11 @@ def notes(records: list[dict]) -> list[str]:
                 f"\n{r['model']}: memory_efficient against {base['mode']} (same settings): "
                 f"memory {memory}, step time {base['img_per_s'] / r['img_per_s'] - 1:+.0%}."
             )
-        elif r["settings"].endswith(", plain BN"):
-            shared = by[r["model"], r["settings"].removesuffix(", plain BN")]
+        elif r["settings"].endswith(", shared stats"):
+            plain = by[r["model"], r["settings"].removesuffix(", shared stats")]
             lines.append(
                 f"\n{r['model']}: shared BN statistics against plain per-layer BN "
-                f"({shared['settings']}): {shared['img_per_s'] / r['img_per_s']:.2f}x img/s."
+                f"({plain['settings']}): {r['img_per_s'] / plain['img_per_s']:.2f}x img/s."
             )
     return lines
 
@@ -538,8 +533,6 @@ def markdown(machine: dict, records: list[dict]) -> str:
             f"| {r['flops_per_img'] / 1e9:.3f} | {num(frac, '.1f')} |"
         )
     lines += peer_table(peer_ratios(records)) + notes(records)
-    if not has_shared_stats():
-        lines.append("\nshared BN statistics: not measured (densenet.py has no shared_stats)")
     if m.get("memory_note_cpu"):
         lines.append(f"\n{m['memory_note_cpu']}")
     return "\n".join(lines) + "\n"

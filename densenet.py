@@ -2,11 +2,10 @@
 
 Imports torch and the standard library only. Module and parameter names follow
 torchvision's DenseNet, so its ImageNet checkpoints load with strict=True.
-The paper's modules come first, then a section each for the memory-efficient path
-(memory_efficient=True) and the shared batch statistics (shared_stats=True, the default).
+The paper's modules come first, then torchvision weight loading, then the
+memory-efficient path (memory_efficient=True): the same results in memory linear in depth.
 """
 
-import pickle
 import re
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -19,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
-    "densenet_cifar", "load_file", "load_torchvision_checkpoint",
+    "densenet_cifar", "load_torchvision_checkpoint", "load_torchvision_state_dict",
 ]  # fmt: skip
 
 BN_SIZE = 4  # bottleneck width: the 1x1 conv produces 4k feature maps (paper, Sec. 3)
@@ -91,7 +90,6 @@ class _DenseBlock(nn.ModuleDict):
         in_channels: int,
         growth_rate: int,
         memory_efficient: bool,
-        shared_stats: bool = True,
         **layer_kw,
     ):
         super().__init__()
@@ -105,11 +103,10 @@ class _DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
         self.out_channels = in_channels + num_layers * growth_rate
         self.memory_efficient = memory_efficient
-        self.shared_stats = shared_stats
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and not torch.jit.is_scripting():
-            return self._train_forward(x)
+        if _recomputes(self.memory_efficient, self.training):
+            return self._one_buffer_forward(x)
         # Growing the input by one concatenation a layer, rather than concatenating
         # all earlier outputs in every layer, lets autograd sum each layer's input
         # gradient once, as one tensor, instead of once per earlier output as thin
@@ -119,19 +116,9 @@ class _DenseBlock(nn.ModuleDict):
         return x
 
     @torch.jit.unused
-    def _train_forward(self, x: Tensor) -> Tensor:
-        """Training: shared statistics (eager, with gradients), else one buffer with
-        recomputation (memory_efficient), else the plain path. Under torch.compile and
-        torch.export the compiler fuses BN itself, so shared_stats takes the plain path."""
-        grad = torch.is_grad_enabled()
-        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-        if self.shared_stats and grad and not traced:
-            return _shared_stats_block(self, x)
-        if self.memory_efficient and grad:
-            return _one_buffer_forward(self, x)
-        for layer in self.values():
-            x = torch.cat([x, layer(x)], 1)
-        return x
+    def _one_buffer_forward(self, x: Tensor) -> Tensor:
+        """Every layer reads a prefix view of one buffer (memory-efficient section below)."""
+        return _one_buffer_forward(self, x)
 
 
 class _Transition(nn.Module):
@@ -167,11 +154,7 @@ class DenseNet(nn.Module):
         stem: "cifar" (3x3 conv) or "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool).
         memory_efficient: keep one buffer per block and recompute each layer's growing
             part in backward, so the activations kept for backward grow linearly with
-            depth, not quadratically (with shared_stats, BN and ReLU only: no conv).
-        shared_stats: in training, compute each feature map's batch statistics once and
-            let every later layer's first BN apply only its own affine transform, each
-            block one autograd Function with its backward written out (the same results
-            and running statistics as plain BN); False: plain per-layer BN, as torchvision.
+            depth, not quadratically.
     """
 
     def __init__(
@@ -186,7 +169,6 @@ class DenseNet(nn.Module):
         in_channels: int = 3,
         stem: str = "cifar",
         memory_efficient: bool = False,
-        shared_stats: bool = True,
     ):
         super().__init__()
         _check_args(growth_rate, block_config, compression, drop_rate, stem)
@@ -219,7 +201,6 @@ class DenseNet(nn.Module):
                 bottleneck=bottleneck,
                 drop_rate=drop_rate,
                 memory_efficient=memory_efficient,
-                shared_stats=shared_stats,
             )
             self.features.add_module(f"denseblock{i + 1}", block)
             channels += num_layers * growth_rate
@@ -330,63 +311,38 @@ def densenet161(**kwargs) -> DenseNet:
     return _imagenet(48, (6, 12, 36, 24), **kwargs)
 
 
+# ---------------------------------------------------------------------------------------
+# torchvision's ImageNet weights
+# ---------------------------------------------------------------------------------------
+
 # Old torchvision checkpoints name dense-layer modules "norm.1" instead of "norm1".
 _LEGACY_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
 
 
-# What torch.load(weights_only=True) names when a file asks to import or call a global.
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-_OS_MODULES = {"posix": "os", "nt": "os"}  # os.system pickles as posix.system or nt.system
-
-
-def _refused_global(e: Exception) -> str | None:
-    """The global a weights-only load refused (e.g. "os.system"), else None (a file that is
-    not a pickle at all fails the same way, with "Unsupported operand", and is corrupt)."""
-    if not isinstance(e, pickle.UnpicklingError) or "Weights only load failed" not in str(e):
-        return None
-    match = _GLOBAL.search(str(e))
-    if not match:
-        return None
-    module, _, name = match.group(1).rpartition(".")
-    return f"{_OS_MODULES.get(module, module or 'builtins')}.{name}"
-
-
-def load_file(path: str | PathLike) -> object:
-    """torch.load(weights_only=True) on the CPU; an unreadable file is a one-line ValueError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
-        refused = _refused_global(e)
-        if refused is not None:
-            raise ValueError(
-                f"cannot read {path}: refused because it asks to import or call something "
-                f"that is not plain data ({refused})"
-            ) from None
-        # torch's weights-only message puts the unpickler's own words after its advice
-        text = str(e).split("WeightsUnpickler error:")[-1]
-        reason = (text.strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"cannot read {path}: truncated or corrupt ({reason})") from None
-
-
-def load_torchvision_checkpoint(model: DenseNet, path: str | PathLike) -> None:
-    """Load a torchvision DenseNet state_dict file (legacy keys included) into model, strictly."""
-    state = load_file(path)
+def load_torchvision_state_dict(model: DenseNet, state: object) -> None:
+    """Load a torchvision DenseNet state_dict (legacy keys included) into model, strictly;
+    anything else is a one-line ValueError."""
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a state_dict (a dict of tensors)")
+        raise ValueError("not a state_dict (a dict of tensors)")
     state = {_LEGACY_KEY.sub(r"\1\2.", k): v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split()[1:])[:300]  # drop "Error(s)", keep one line
-        raise ValueError(f"{path} does not fit this DenseNet: {detail}") from None
+        raise ValueError(f"does not fit this DenseNet: {detail}") from None
+
+
+def load_torchvision_checkpoint(model: DenseNet, path: str | PathLike) -> None:
+    """Load a torchvision DenseNet weights file, e.g. densenet121-a639ec97.pth, into model."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        load_torchvision_state_dict(model, state)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------
 # Memory-efficient path (memory_efficient=True, training with gradients)
-#
-# With shared_stats (the default) eager training takes the next section's block Function,
-# which keeps the same one buffer and recomputes without checkpointing. This section is
-# the path for shared_stats=False and under torch.compile.
 #
 # Each block allocates one buffer for its output. The block input and every layer's new
 # feature maps are copied into it once; each layer's input is a prefix view, so the
@@ -398,9 +354,9 @@ def load_torchvision_checkpoint(model: DenseNet, path: str | PathLike) -> None:
 #     layer3    <--x0-f1-f2-->          reads buffer[:, :c0+2k]   writes f3
 #
 # Each layer's BN, ReLU and first conv (outputs that grow with depth) are recomputed in
-# backward; only the bottleneck's fixed-size tensors are stored.
-# TorchScript cannot script checkpointing (nor the shared-statistics Function), so a
-# scripted model takes the plain path: the same outputs and gradients, more memory.
+# backward; only the bottleneck's fixed-size tensors are stored. TorchScript cannot script
+# checkpointing, so a scripted model takes the plain path: the same outputs and gradients,
+# more memory.
 # ---------------------------------------------------------------------------------------
 
 
@@ -493,335 +449,3 @@ def _one_buffer_forward(block: _DenseBlock, x: Tensor) -> Tensor:
     for layer in block.values():
         x = _Append.apply(x, layer(x), buffer)
     return x
-
-
-# ---------------------------------------------------------------------------------------
-# Shared batch statistics (shared_stats=True: eager training with gradients)
-#
-# In training, layer l's first BN normalises the concatenation [x0 | f1 | ... | f(l-1)]
-# with its batch statistics, and a channel's statistics are the same at every layer that
-# reads it. So each block computes them once per feature map, when it is produced, and
-# every layer's BN only applies its own affine transform and ReLU:
-#
-#     stats    ( x0 )( f1 )( f2 )          mean, var: computed once each
-#     layer1   norm1: w1 * (x0 - mean) / sqrt(var + eps) + b1, ReLU
-#     layer2   norm1: w2 * ([x0|f1] - mean) / ..., ReLU        shares x0's, f1's
-#     layer3   norm1: w3 * ([x0|f1|f2] - mean) / ..., ReLU     shares x0's, f1's, f2's
-#
-# The block runs as one autograd Function with its backward written out: ReLU's mask,
-# BN's reductions for each norm1's weight, bias and statistics gradients, and a scaled
-# add of each layer's input gradient into one gradient buffer for the whole block, in
-# place (plain autograd allocates a new sum for every layer). The gradient through a
-# feature map's statistics is added once its gradient is complete. norm2 uses BN's fused
-# training kernels. Outputs, gradients and every BN's running statistics equal plain
-# BN's (the scale of that add is rounded to the gradient's dtype: a mixed bf16/fp32 add
-# is several times slower on the CPU); dropout draws as F.dropout does on the CPU. Under
-# SyncBatchNorm (torch.distributed running) every statistic, and the gradient through it,
-# is all-reduced over the group of the block's first norm. Module hooks on the layers do
-# not run on this path, and it is differentiable once (shared_stats=False for either).
-#
-# With memory_efficient the block keeps its output (one buffer, as above) and each
-# bottleneck's conv1 output; backward recomputes each layer's BN-ReLU input and output
-# and the bottleneck's BN-ReLU from them, and no convolution, so the recomputation costs
-# a few elementwise passes rather than a second forward.
-# ---------------------------------------------------------------------------------------
-
-_DIMS = (0, 2, 3)  # a channel's statistics are over the batch and both spatial dimensions
-_TILE = 64  # channel repeats per row in _rows
-
-
-def _sync_group(norm: nn.Module) -> object | None:
-    """The process group a SyncBatchNorm synchronises over, if it spans several processes."""
-    dist = torch.distributed
-    if not (isinstance(norm, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
-        return None
-    group = norm.process_group or dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
-
-
-def _rows(x: Tensor) -> tuple[Tensor, int] | None:
-    """A dense channels_last x as a matrix of rows of r * C values (the channels repeated r
-    times), or None. Per-channel ops then run along long rows, not rows of C values: about
-    4x faster for a bf16 map of 12 channels."""
-    n, c, h, w = x.shape
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return None
-    pixels, r = n * h * w, 1
-    while r < _TILE and pixels % (2 * r) == 0:
-        r *= 2
-    return x.permute(0, 2, 3, 1).reshape(pixels // r, r * c), r
-
-
-def _batch_stats(x: Tensor, group: object | None) -> tuple[Tensor, Tensor]:
-    """x's per-channel batch mean and biased variance as one (2, C) tensor (two passes, in
-    float32 or better), and the number of values behind them: over all of group's processes."""
-    if x.numel() // x.shape[1] <= 1:  # plain BN's own check, in its words
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {x.shape}"
-        )
-    v = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    count = v.numel() // v.shape[1]
-    rows = _rows(v)
-    if rows is None:
-        mean = v.mean(_DIMS)
-        var = (v - mean[:, None, None]).square_().sum(_DIMS) / count
-    else:
-        m, r = rows
-        mean = m.sum(0).view(r, -1).sum(0) / count
-        var = (m - mean.repeat(r)).square_().sum(0).view(r, -1).sum(0) / count
-    total = v.new_full((), count, dtype=torch.float64)  # a fill, no host-device copy
-    if group is None:
-        return torch.stack([mean, var]), total
-    # sums, sums of squares and counts of every process, in float64
-    sums = torch.cat([mean * count, (var + mean.square()) * count]).double()
-    sums = torch.cat([sums, total[None]])
-    torch.distributed.all_reduce(sums, group=group)
-    c, total = x.shape[1], sums[-1]
-    mean64 = sums[:c] / total
-    var64 = sums[c:-1] / total - mean64.square()
-    return torch.stack([mean64, var64]).to(mean.dtype), total
-
-
-def _stats_backward(g: Tensor, x: Tensor, mean: Tensor, count: Tensor, into: Tensor) -> Tensor:
-    """into plus the gradient reaching x through its batch statistics, g their (2, C)
-    gradient: d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n. A new dense tensor in
-    x's dtype (scale and shift rounded to it: mixed-dtype ops are several times slower)."""
-    scale = 2 * g[1] / count
-    shift = g[0] / count - scale * mean
-    layout = _layout(x)
-    out = torch.empty_like(x, memory_format=layout).copy_(into)
-    x = x.contiguous(memory_format=layout)
-    rows, x_rows = _rows(out), _rows(x)
-    if rows is None:
-        return out.addcmul_(x, scale.to(x.dtype)[:, None, None]).add_(
-            shift.to(x.dtype)[:, None, None]
-        )
-    (m, r), (xm, _) = rows, x_rows
-    m.addcmul_(xm, scale.to(x.dtype).repeat(r)).add_(shift.to(x.dtype).repeat(r))
-    return out
-
-
-def _summed(g: Tensor, group: object | None) -> Tensor:
-    """A gradient of shared statistics, summed over group's processes: every process's loss
-    depends on them."""
-    if group is None:
-        return g
-    g = g.contiguous()
-    torch.distributed.all_reduce(g, group=group)
-    return g
-
-
-def _count_batch(norm: nn.Module) -> float:
-    """Count one training batch as plain BN does; the running statistics' update factor."""
-    if not norm.track_running_stats or norm.num_batches_tracked is None:
-        return 0.0 if norm.momentum is None else norm.momentum
-    norm.num_batches_tracked.add_(1)
-    if norm.momentum is None:  # a cumulative moving average, as plain BN keeps it
-        return 1.0 / float(norm.num_batches_tracked)
-    return norm.momentum
-
-
-def _update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count: Tensor) -> None:
-    """What plain BN's training forward does to its buffers, from the shared statistics."""
-    factor = _count_batch(norm)
-    if norm.running_mean is None:
-        return
-    unbiased = var * (count / (count - 1))
-    norm.running_mean.mul_(1 - factor).add_(mean.to(norm.running_mean.dtype), alpha=factor)
-    norm.running_var.mul_(1 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)
-
-
-def _norm_relu(x: Tensor, norm: nn.Module, stats: Tensor) -> Tensor:
-    """relu(norm's affine transform of x normalised with the given (2, C) statistics):
-    BN's eval-mode kernel on a dense x, then ReLU in place."""
-    return torch.batch_norm(
-        x, norm.weight, norm.bias, stats[0], stats[1], False, 0.0, norm.eps, True
-    ).relu_()
-
-
-def _norm_relu_backward(g: Tensor, x: Tensor, y: Tensor, norm: nn.Module, stats: Tensor):
-    """Back through _norm_relu (y its output; g is overwritten): (ReLU's masked gradient,
-    the per-channel scale it reaches x with, the weight and bias gradients, and the (2, C)
-    gradient of the statistics)."""
-    g = torch.ops.aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
-    mean, var = stats[0], stats[1]
-    _, g_weight, g_bias = torch.ops.aten.native_batch_norm_backward(
-        g, x, norm.weight, mean, var, None, None, False, norm.eps, [False, True, True]
-    )
-    invstd = torch.rsqrt(var + norm.eps)
-    scale = norm.weight * invstd
-    g_stats = torch.stack([-g_bias * scale, -0.5 * g_weight * scale * invstd])
-    return g, scale, g_weight, g_bias, g_stats
-
-
-def _conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """conv(x) (stride 1, no bias: the block's convs), in autocast's dtype where it is on."""
-    return F.conv2d(x, conv.weight, None, 1, conv.padding)
-
-
-def _conv_backward(g: Tensor, x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
-    """Gradients of _conv(x) for x and conv.weight, g in the dtype the conv ran in."""
-    weight = conv.weight.to(g.dtype)
-    pad = list(conv.padding)
-    g_x, g_w, _ = torch.ops.aten.convolution_backward(
-        g, x.to(g.dtype), weight, None, [1, 1], pad, [1, 1], False, [0, 0], 1, [True, True, False]
-    )
-    return g_x.to(x.dtype), g_w.to(conv.weight.dtype)
-
-
-def _dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
-    """F.dropout in training, drawing as it does on the CPU, and its scaled mask."""
-    if p == 0:
-        return x, None
-    mask = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
-    return x * mask, mask
-
-
-def _layer_params(layer: _DenseLayer) -> list[Tensor]:
-    """The parameters _layer_forward uses, in the order _layer_backward returns gradients."""
-    params = [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
-    if layer.bottleneck:
-        params += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
-    return params
-
-
-# What a layer keeps for backward; None where it is recomputed or does not apply.
-_KEPT = ("x", "y", "z", "r", "mask1", "mask2", "stats2")
-
-
-def _norm2_forward(z: Tensor, norm: nn.Module, group: object | None, count: Tensor):
-    """norm2 in training, with its own batch statistics, and ReLU: (output, the statistics
-    backward needs). BN's fused training kernel (mean and 1/std kept), or under
-    SyncBatchNorm the statistics over group (mean and variance kept)."""
-    if group is not None:
-        stats, _ = _batch_stats(z, group)
-        _update_running_stats(norm, stats[0], stats[1], count)
-        return _norm_relu(z, norm, stats), stats
-    r, mean, invstd = torch.ops.aten.native_batch_norm(
-        z,
-        norm.weight,
-        norm.bias,
-        norm.running_mean,
-        norm.running_var,
-        True,
-        _count_batch(norm),
-        norm.eps,
-    )
-    return r.relu_(), torch.stack([mean, invstd])
-
-
-def _norm2_output(z: Tensor, norm: nn.Module, stats: Tensor, group: object | None) -> Tensor:
-    """_norm2_forward's output again, from what it kept."""
-    if group is None:  # (mean, 1/std) as (mean, var)
-        stats = torch.stack([stats[0], stats[1].pow(-2) - norm.eps])
-    return _norm_relu(z, norm, stats)
-
-
-def _norm2_backward(g, z, r, norm, stats, group, count) -> tuple[Tensor, Tensor, Tensor]:
-    """Back through _norm2_forward (g is overwritten): gradients of z, weight and bias."""
-    if group is not None:
-        g, scale, g_weight, g_bias, g_stats = _norm_relu_backward(g, z, r, norm, stats)
-        into = g.mul_(scale.to(g.dtype)[:, None, None])
-        return _stats_backward(_summed(g_stats, group), z, stats[0], count, into), g_weight, g_bias
-    g = torch.ops.aten.threshold_backward.grad_input(g, r, 0, grad_input=g)
-    running = norm.running_mean, norm.running_var
-    return torch.ops.aten.native_batch_norm_backward(
-        g, z, norm.weight, *running, stats[0], stats[1], True, norm.eps, [True, True, True]
-    )
-
-
-def _layer_forward(layer, x, stats, count, group, lean: bool) -> tuple[Tensor, list]:
-    """The layer's new feature maps from its dense input x with x's statistics, and what it
-    keeps for backward (_KEPT); lean: not x, y and r, which backward recomputes."""
-    _update_running_stats(layer.norm1, stats[0], stats[1], count)
-    y = _norm_relu(x, layer.norm1, stats)
-    z, mask1 = _dropout(_conv(y, layer.conv1), layer.drop_rate)
-    if not layer.bottleneck:
-        return z, [None if lean else x, None if lean else y, None, None, mask1, None, None]
-    r, stats2 = _norm2_forward(z, layer.norm2, group, count)
-    new, mask2 = _dropout(_conv(r, layer.conv2), layer.drop_rate)
-    if lean:
-        return new, [None, None, z, None, mask1, mask2, stats2]
-    return new, [x, y, z, r, mask1, mask2, stats2]
-
-
-def _layer_backward(layer, g, x, stats, count, group, kept: list) -> tuple:
-    """Back through _layer_forward from g, the new maps' gradient: (the masked gradient at
-    norm1's output, the scale it reaches x with, the (2, C) gradient of x's statistics,
-    the parameter gradients in _layer_params' order)."""
-    _, y, z, r, mask1, mask2, stats2 = kept
-    grads = []
-    if layer.bottleneck:
-        g = g if mask2 is None else g * mask2
-        r = _norm2_output(z, layer.norm2, stats2, group) if r is None else r
-        g, g_conv2 = _conv_backward(g, r, layer.conv2)
-        g, g_w2, g_b2 = _norm2_backward(g, z, r, layer.norm2, stats2, group, count)
-        grads = [g_w2, g_b2, g_conv2]
-    g = g if mask1 is None else g * mask1
-    y = _norm_relu(x, layer.norm1, stats) if y is None else y
-    g, g_conv1 = _conv_backward(g, y, layer.conv1)
-    g, scale, g_w1, g_b1, g_stats = _norm_relu_backward(g, x, y, layer.norm1, stats)
-    return g, scale, g_stats, [g_w1, g_b1, g_conv1, *grads]
-
-
-class _SharedStatsBlock(torch.autograd.Function):
-    """A dense block's training forward and backward with shared statistics (above)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, block: _DenseBlock, *params: Tensor) -> Tensor:
-        layers, lean = list(block.values()), block.memory_efficient
-        group = _sync_group(layers[0].norm1)
-        first, count = _batch_stats(x, group)
-        stats = first.new_zeros((2, block.out_channels))  # the last maps' stay 0: unread
-        stats[:, : x.shape[1]] = first
-        x0, buffer = x, _block_buffer(x, block.out_channels) if lean else None
-        if lean:
-            x = buffer[:, : x.shape[1]].copy_(x)
-        kept = []
-        for layer in layers:
-            c = x.shape[1]
-            new, saved = _layer_forward(layer, _dense(x), stats[:, :c], count, group, lean)
-            if layer is not layers[-1]:
-                stats[:, c : c + new.shape[1]] = _batch_stats(new, group)[0]
-            if lean:
-                buffer[:, c : c + new.shape[1]].copy_(new)
-                x = buffer[:, : c + new.shape[1]]
-            else:
-                x = torch.cat([x, new], 1)
-            kept += saved
-        ctx.layers, ctx.group = layers, group
-        ctx.save_for_backward(x0, x, stats, count, *kept)
-        return x
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple:
-        x0, out, stats, count, *kept = ctx.saved_tensors
-        group, n = ctx.group, len(_KEPT)
-        g_out = torch.empty_like(out).copy_(grad)  # the block's gradient buffer, added into
-        g_stats = torch.zeros_like(stats)
-        grads = []
-        for i, layer in reversed(list(enumerate(ctx.layers))):
-            c, saved = layer.norm1.num_features, kept[i * n : (i + 1) * n]
-            end = out.shape[1] if i + 1 == len(ctx.layers) else ctx.layers[i + 1].norm1.num_features
-            new = slice(c, end)  # the layer's new maps: their gradient is now complete
-            g_new_stats = _summed(g_stats[:, new], group)
-            g = _stats_backward(g_new_stats, out[:, new], stats[0, new], count, g_out[:, new])
-            x = _dense(out[:, :c]) if saved[0] is None else saved[0]
-            g, scale, g_stats_x, layer_grads = _layer_backward(
-                layer, g, x, stats[:, :c], count, group, saved
-            )
-            g_out[:, :c].addcmul_(g, scale.to(g.dtype)[:, None, None])
-            g_stats[:, :c] += g_stats_x
-            grads = layer_grads + grads
-        c0 = x0.shape[1]
-        g_x = _stats_backward(
-            _summed(g_stats[:, :c0], group), x0, stats[0, :c0], count, g_out[:, :c0]
-        )
-        return g_x, None, *grads
-
-
-def _shared_stats_block(block: _DenseBlock, x: Tensor) -> Tensor:
-    """The block's training forward with shared statistics, one Function for the block."""
-    params = [p for layer in block.values() for p in _layer_params(layer)]
-    return _SharedStatsBlock.apply(x, block, *params)

@@ -38,7 +38,7 @@ COMMON = {
     "model": "densenet", "dataset": "cifar10", "dirac_version": 2, "data_dir": "data",
     "seed": 0, "memory_efficient": False, "ten_crop": False, "sync_bn": False,
     "tensorboard": False, "plot": True, "val_split": 0, "deterministic": False,
-    "compile_mode": "default", "workers": 8, "shared_stats": True,
+    "compile_mode": "default", "workers": 8, "shared_stats": False,
 }  # fmt: skip
 
 # The lr schedule is a rule of the official code, applied to any number of epochs N
@@ -295,7 +295,8 @@ def _model_and_data_flags(p: argparse.ArgumentParser, add) -> None:
         shown="0.2 without augmentation, else 0 (paper Sec. 4.2)")
     add(m, "--memory-efficient", action=true, help="recompute in backward: memory linear in depth")
     add(m, "--shared-stats", action=on_off,
-        help="DenseNet: each feature map's batch statistics once per block (off: per-layer BN)")
+        help="DenseNet on the CPU, eager: each feature map's batch statistics once per block "
+             "(sharedstats.py; off: per-layer BN, as the paper)")
     d = p.add_argument_group("data")
     add(d, "--dataset", choices=(*data.DATASETS, "imagenet"), help="dataset")
     add(d, "--data-dir", help="dataset folder")
@@ -407,10 +408,28 @@ def resolve(
     if s["sync_bn"] and s["compile"]:
         notes.append("--sync-bn: compile is off (SyncBatchNorm syncs with the host and breaks graphs)")
         s["compile"] = False
+    _shared_stats_rules(s, caps, given, notes)
     s["save"] = str(run_folder(given))
     _check(s, caps)
     unset = {action.dest: None for action in parser()._actions if action.dest != "help"}
     return argparse.Namespace(**{**unset, **s}), notes
+
+
+def _shared_stats_rules(s: dict, caps: Capabilities, given: dict, notes: list[str]) -> None:
+    """--shared-stats: an eager speed path of the CPU DenseNet. Where it cannot run it is
+    refused when typed, and turned off with a note when a resumed run carried it."""
+    if not s["shared_stats"]:
+        return
+    if caps.device_type != "cpu" or s["model"] != "densenet":
+        if "shared_stats" in given:
+            raise UserError("--shared-stats is for DenseNet on the CPU (measured and tested there only)")
+        notes.append("--shared-stats is off: it runs for DenseNet on the CPU only")
+        s["shared_stats"] = False
+    elif s["compile"]:
+        if "compile" in given:
+            raise UserError("--shared-stats trains eagerly: it cannot be combined with --compile")
+        notes.append("--shared-stats: compile is off (shared statistics train eagerly)")
+        s["compile"] = False
 
 
 def _check(s: dict, caps: Capabilities) -> None:

@@ -4,7 +4,9 @@ the CSV log. A kill at any instant leaves each file old or new, never half-writt
 
 import math
 import os
+import pickle
 import random
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,8 +17,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-
-import densenet
 
 # Version 2 added "format" and the MPS random state; version 1 (no "format" key, written
 # before 2026-12) holds the same fields otherwise, so both are read.
@@ -76,12 +76,46 @@ def atomic_save(obj: object, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+# What torch.load(weights_only=True) names when a file asks to import or call a global.
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_OS_MODULES = {"posix": "os", "nt": "os"}  # os.system pickles as posix.system or nt.system
+
+
+def _refused_global(e: Exception) -> str | None:
+    """The global a weights-only load refused (e.g. "os.system"), else None (a file that is
+    not a pickle at all fails the same way, with "Unsupported operand", and is corrupt)."""
+    if not isinstance(e, pickle.UnpicklingError) or "Weights only load failed" not in str(e):
+        return None
+    match = _GLOBAL.search(str(e))
+    if not match:
+        return None
+    module, _, name = match.group(1).rpartition(".")
+    return f"{_OS_MODULES.get(module, module or 'builtins')}.{name}"
+
+
+def load_file(path: str | Path) -> object:
+    """torch.load(weights_only=True) on the CPU; an unreadable file is a one-line ValueError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
+        refused = _refused_global(e)
+        if refused is not None:
+            raise ValueError(
+                f"cannot read {path}: refused because it asks to import or call something "
+                f"that is not plain data ({refused})"
+            ) from None
+        # torch's weights-only message puts the unpickler's own words after its advice
+        text = str(e).split("WeightsUnpickler error:")[-1]
+        reason = (text.strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"cannot read {path}: truncated or corrupt ({reason})") from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A train.py checkpoint, or a one-line CheckpointError saying what is wrong."""
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = densenet.load_file(path)
+        ckpt = load_file(path)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     if not isinstance(ckpt, dict) or not {"model", "args", "epoch"} <= ckpt.keys():

@@ -34,6 +34,7 @@ import engine
 import plot
 import recipes
 import runstate
+import sharedstats
 from recipes import DIRAC_ARCHS, IDENTITY, UserError
 
 # ----------------------------------------------------------------------------- devices
@@ -129,14 +130,15 @@ def on_rank0(place: Placement, decide: Callable[[], object]) -> object:
 
 def build_model(a, info: data.DatasetInfo, device: torch.device) -> nn.Module:
     """The network the flags describe, on the device in the chosen memory layout (SyncBatchNorm
-    under --sync-bn); ValueErrors from the model become user errors."""
+    under --sync-bn, shared statistics under --shared-stats); ValueErrors from the model
+    become user errors."""
     try:
         if a.dataset == "imagenet" and a.arch in DIRAC_ARCHS:
             net = getattr(diracnet, a.arch)(num_classes=info.num_classes, version=a.dirac_version)
         elif a.dataset == "imagenet":
             net = getattr(densenet, a.arch)(
                 num_classes=info.num_classes, drop_rate=a.drop_rate,
-                memory_efficient=a.memory_efficient, shared_stats=a.shared_stats,
+                memory_efficient=a.memory_efficient,
             )  # fmt: skip
         elif a.model == "diracnet":
             net = diracnet.diracnet_cifar(
@@ -147,12 +149,13 @@ def build_model(a, info: data.DatasetInfo, device: torch.device) -> nn.Module:
                 a.depth, a.growth, bottleneck=a.bottleneck, compression=a.compression,
                 drop_rate=a.drop_rate, num_classes=info.num_classes,
                 in_channels=info.in_channels, memory_efficient=a.memory_efficient,
-                shared_stats=a.shared_stats,
             )  # fmt: skip
     except ValueError as e:
         raise UserError(str(e)) from None
     if a.sync_bn:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if a.shared_stats:
+        net = sharedstats.convert_shared_stats(net)
     layout = torch.channels_last if a.channels_last else torch.preserve_format
     return net.to(device, memory_format=layout)
 
@@ -472,7 +475,7 @@ def evaluate(given: dict, place: Placement) -> int:
     net = build_model(a, info, place.device)
     try:
         if old is None:
-            densenet.load_torchvision_checkpoint(net, a.pretrained)
+            densenet.load_torchvision_state_dict(net, runstate.load_file(a.pretrained))
         else:
             net.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError) as e:

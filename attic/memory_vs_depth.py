@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Checks that memory_efficient=True stores activations linear in depth (plain: quadratic):
 bytes autograd keeps for backward, parameters excluded, for DenseNet-BC depths 40..250;
-memory_efficient with shared statistics (the default) and with plain per-layer BN (the
-checkpointed path).
+memory_efficient as densenet.py has it (checkpointed) and with sharedstats.py's converter
+(the lean block, which recomputes no convolution).
 
 Run: python attic/memory_vs_depth.py [--growth 12 --batch 16 --size 32]
 """
@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import densenet
+import sharedstats
 from engine import saved_activation_bytes  # the linear-memory test's measure
 
 
@@ -27,17 +28,15 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     a = p.parse_args()
     x = torch.randn(a.batch, 3, a.size, a.size)
-    print("| depth | plain MiB | memory_efficient MiB | ratio | memory_efficient, plain BN MiB | ratio |")
+    print("| depth | plain MiB | memory_efficient MiB | ratio | + shared statistics MiB | ratio |")
     print("|---|---|---|---|---|---|")
-    kinds = ({}, {"memory_efficient": True}, {"memory_efficient": True, "shared_stats": False})
     for depth in (40, 70, 100, 160, 250):
-        plain, lean, checkpointed = (
-            saved_activation_bytes(densenet.densenet_cifar(depth, a.growth, **kw), x) / 2**20
-            for kw in kinds
-        )
-        print(f"| {depth} | {plain:.0f} | {lean:.0f} | {lean / plain:.2f} "
-              f"| {checkpointed:.0f} | {checkpointed / plain:.2f} |")
-
+        plain, checkpointed, lean = (
+            saved_activation_bytes(build(densenet.densenet_cifar(depth, a.growth, memory_efficient=me)), x) / 2**20
+            for me, build in ((False, lambda m: m), (True, lambda m: m), (True, sharedstats.convert_shared_stats))
+        )  # fmt: skip
+        print(f"| {depth} | {plain:.0f} | {checkpointed:.0f} | {checkpointed / plain:.2f} "
+              f"| {lean:.0f} | {lean / plain:.2f} |")
 
 if __name__ == "__main__":
     main()

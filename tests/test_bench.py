@@ -45,10 +45,9 @@ def test_quick_run_writes_json_and_table(tmp_path: Path):
             "memory_measure"} <= machine.keys()  # fmt: skip
     assert machine["device"] == "cpu" and machine["command"].startswith("python bench.py")
     names = [r["mode"] for r in records]
-    shared = bench.has_shared_stats()
-    speed = ["naive", *["naive-plain-bn"] * shared, "+channels_last", "+amp"]
-    assert names[: len(speed) + 2] == speed + ["memory_efficient", "memory_efficient-naive"]
-    assert len(names) == len(speed) + 2 + shared
+    speed = ["naive", "naive-shared-stats", "+channels_last", "+amp"]
+    extra = ["memory_efficient", "memory_efficient-naive"]
+    assert names[: len(speed) + 2] == speed + extra and len(names) == len(speed) + 3
     for r in records:
         assert r.keys() >= KEYS
         assert r["model"] == "tiny" and r["batch"] == 16
@@ -62,13 +61,13 @@ def test_quick_run_writes_json_and_table(tmp_path: Path):
     text = table.read_text()
     assert text.startswith("`python bench.py --device cpu") and "| tiny | 16 | naive |" in text
     assert text in done.stdout
-    if shared:  # the fastest mode again with plain per-layer BN, and its ratio in the table
-        assert records[1]["settings"] == "NCHW, fp32, eager, plain BN"
-        plain = records[-1]["settings"]
-        assert plain == efficient.replace("memory_efficient", "plain BN")
-        fastest = next(r["mode"] for r in records if r["settings"] == plain[: -len(", plain BN")])
-        assert records[-1]["mode"] == f"{fastest}-plain-bn"
-        assert "shared BN statistics against plain per-layer BN (NCHW, fp32, eager)" in text
+    # the fastest eager mode again with shared batch statistics, and its ratio in the table
+    assert records[1]["settings"] == "NCHW, fp32, eager, shared stats"
+    shared = records[-1]["settings"]
+    assert shared == efficient.replace("memory_efficient", "shared stats")
+    fastest = next(r["mode"] for r in records if r["settings"] == shared[: -len(", shared stats")])
+    assert records[-1]["mode"] == f"{fastest}-shared-stats"
+    assert "shared BN statistics against plain per-layer BN (NCHW, fp32, eager)" in text
 
 
 def test_peers_beside_ours_and_no_resource_module(tmp_path: Path):
@@ -206,9 +205,8 @@ def test_memory_efficient_takes_the_fastest_settings():
 def test_gpu_check_rows_cover_each_precision_and_compile_mode():
     default = bench.Mode("default", True, "bf16", "default")
     names = [m.name for m in gpucheck.check_modes(True, default)]
-    plain = ["default-plain-bn"] * bench.has_shared_stats()
     assert names == ["naive", "default", "bf16-eager", "bf16-reduce-overhead", "fp16-eager",
-                     "fp16-default", "fp16-reduce-overhead", *plain]  # fmt: skip
+                     "fp16-default", "fp16-reduce-overhead"]  # fmt: skip
     cpu = gpucheck.check_modes(False, bench.Mode("default", True, "off"))
     assert [m.settings for m in cpu][:3] == [
         "NCHW, fp32, eager", "channels_last, fp32, eager", "channels_last, bf16, eager"

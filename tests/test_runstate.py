@@ -1,8 +1,12 @@
-"""runstate.py: RunState round-trips, and a checkpoint that cannot be written."""
+"""runstate.py: RunState round-trips, a checkpoint that cannot be written, and files that
+cannot be read safely."""
+
+import os
 
 import pytest
 import torch
 
+import runstate
 import train
 
 
@@ -41,3 +45,45 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):
     state = tiny_state(0)
     with pytest.raises(train.runstate.CheckpointError, match="cannot write .*latest.pt: No such file"):
         state.save([tmp_path / "gone" / "latest.pt"], {})
+
+
+class _RunsAShellCommand:
+    """Unpickling this calls os.system: a checkpoint that would run code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused_naming_the_call(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": torch.ones(2), "payload": _RunsAShellCommand(marker)}, path)
+    with pytest.raises(ValueError) as info:
+        runstate.load_file(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "refused because it asks to import or call something" in message
+    assert "(os.system)" in message
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_truncated_or_corrupt_in_one_line(tmp_path):
+    path = tmp_path / "cut.pth"
+    torch.save({"weight": torch.ones(3, 3)}, path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError) as info:
+        runstate.load_file(path)
+    message = str(info.value)
+    assert "\n" not in message and "truncated or corrupt" in message
+
+
+
+
+def test_garbage_is_corrupt_in_one_line(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="cannot read .*garbage.pth: truncated or corrupt"):
+        runstate.load_file(path)
