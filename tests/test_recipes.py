@@ -157,3 +157,19 @@ def test_schedules_follow_the_official_rules_for_any_length():
 def test_every30_takes_no_fractions():
     with pytest.raises(recipes.UserError, match="every30"):
         recipes.resolve({"dataset": "imagenet", "milestones": [0.5]}, recipes.Capabilities("cpu", False, True))
+
+
+def test_shared_stats_run_eagerly_for_a_cpu_densenet_only():
+    cpu, cuda = recipes.Capabilities("cpu", True, True), recipes.Capabilities("cuda", True, True)
+    a, notes = recipes.resolve({"shared_stats": True}, cpu)
+    assert a.shared_stats and not a.compile and "compile is off" in notes[0]
+    for given, caps, match in [
+        ({"shared_stats": True, "compile": True}, cpu, "cannot be combined with --compile"),
+        ({"shared_stats": True}, cuda, "DenseNet on the CPU"),
+        ({"shared_stats": True, "model": "diracnet"}, cpu, "DenseNet on the CPU"),
+    ]:
+        with pytest.raises(recipes.UserError, match=match):
+            recipes.resolve(given, caps)
+    # a resumed CPU run that had them, continued on a GPU: off, with a note
+    a, notes = recipes.resolve({}, cuda, old={"shared_stats": True})
+    assert not a.shared_stats and any("--shared-stats is off" in n for n in notes)
