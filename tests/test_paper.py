@@ -1,6 +1,6 @@
 """paper.py: the paper's tables in one place (README's are its output), which run each figure
-belongs to, and the paper's figure in train.py's closing line and args.json, tested on tiny
-runs named as paper configurations."""
+belongs to, and the paper's figure in train.py's closing line, args.json and plot.py --table,
+tested on tiny runs named as paper configurations."""
 
 import contextlib
 import io
@@ -12,6 +12,7 @@ import pytest
 from torchvision import datasets
 
 import paper
+import plot
 import recipes
 import synthetic
 import train
@@ -176,3 +177,19 @@ def test_a_run_that_is_no_paper_configuration_closes_as_before(paper_runs):
     last = pd.read_csv(folder / "log.csv").iloc[-1]
     assert closing == f"final test error {last.test_err:.2f}% (epoch 1)"
     assert args["paper_test_err"] is None and "paper_source" not in args
+
+
+def test_table_of_real_runs_shows_the_paper_for_paper_configurations(paper_runs, tmp_path, capsys):
+    runs = [paper_runs[name][0] for name in ("c10+", "tiny")]
+    assert plot.main(["--table", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[2:]
+    csv = pd.read_csv(tmp_path / "out/table.csv")
+    assert list(zip(csv.model, csv.data, csv.n, strict=True)) == [
+        ("DenseNet-BC-100-12", "C10+", 1), ("DenseNet-BC-10-4", "C10+", 1)]  # fmt: skip
+    final = pd.read_csv(runs[0] / "log.csv").test_err.iloc[-1]
+    assert csv.final_test_err[0] == final and csv.difference[0] == pytest.approx(final - 4.51)
+    assert (
+        f"| {final:.2f} (1) | – | 4.51 at 300 epochs, batch 64, the whole training set | {final - 4.51:+.2f} |"
+        in lines[0]
+    )
+    assert lines[1].endswith("| – | – | – | – |")  # the tiny model: no best-val, paper, difference
