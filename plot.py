@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Plot loss and error curves of one or more training runs from their log.csv files.
 
-Usage: plot.py RUN_DIR [RUN_DIR ...] [--out DIR] [--pdf]
+Usage: plot.py RUN_DIR [RUN_DIR ...] [--out DIR] [--pdf] [--table]
 Writes loss.png and error.png (plus .pdf with --pdf). Safe on runs still in progress.
 The error plot marks each run's reported result: the final epoch's test error, or with a
-validation split the test error at the epoch of lowest validation error.
+validation split the test error at the epoch of lowest validation error. Runs that differ
+only in their seed are drawn as their mean with a min-max band; --table also prints their
+errors as mean ± std beside the paper's (markdown) and writes them to table.csv.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+import seeds
 
 # Error axes switch to log scale when the largest plotted error exceeds this many
 # times the smallest positive one (e.g. 80% at epoch 1 vs 4% at the end).
@@ -85,8 +89,8 @@ def reported_point(df: pd.DataFrame) -> Reported | None:
     has both."""
     if "test_err" not in df.columns:
         return None
-    if "val_err" in df.columns and df["val_err"].notna().any():
-        row = df.loc[df["val_err"].idxmin()]
+    row = seeds.best_val_row(df)
+    if row is not None:
         label = "best val epoch {}: test {:.2f} %"
     else:
         rows = df[df["test_err"].notna()]
@@ -133,6 +137,7 @@ def plot_metric(
                     linewidth=1.3,
                 )
                 values.extend(df[col].dropna().tolist())
+                values.extend(draw_band(ax, df, col, color, SPLIT_ALPHA[split]))
         if "lr" in df.columns:  # mark learning-rate drops with faint vertical lines
             drops = df["epoch"][df["lr"] < df["lr"].shift()]
             for epoch in drops:
@@ -142,6 +147,16 @@ def plot_metric(
         ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.grid(True, which="both", alpha=0.3)
+
+
+def draw_band(ax: Axes, df: pd.DataFrame, col: str, color: str, alpha: float) -> list[float]:
+    """Shade between <col>_min and <col>_max where a group of seeds has them; return the
+    shaded values (for the choice of scale)."""
+    low, high = f"{col}_min", f"{col}_max"
+    if low not in df.columns or high not in df.columns:
+        return []
+    ax.fill_between(df["epoch"], df[low], df[high], color=color, alpha=0.2 * alpha, linewidth=0)
+    return [*df[low].dropna(), *df[high].dropna()]
 
 
 def add_legend(
@@ -173,16 +188,26 @@ def save_atomic(fig: Figure, path: Path) -> None:
         raise
 
 
+def save_table(table: pd.DataFrame, path: Path) -> Path:
+    """Write the --table CSV via a temp file in the same folder, as save_atomic does."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            table.to_csv(f, index=False)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
 def plot_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, pdf: bool = False) -> list[Path]:
     """Write loss and error plots for the runs with data into out_dir; return written paths.
 
     Runs without data are skipped with a warning; returns [] when none has data.
     """
-    runs = []
-    for run_dir in map(Path, run_dirs):
-        df = load_log(run_dir)
-        if df is not None:
-            runs.append((run_label(run_dir), df))
+    runs = curves(run_dirs)
     if not runs:
         return []
     out_dir = Path(out_dir)
@@ -194,6 +219,18 @@ def plot_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, pdf: bool = F
             save_atomic(fig, path)
             written.append(path)
     return written
+
+
+def curves(run_dirs: Sequence[Path | str]) -> list[tuple[str, pd.DataFrame]]:
+    """(legend label, log) to draw: each run with data; runs that differ only in their seed
+    (seeds.key) as one mean log with a band."""
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        df = load_log(run_dir)
+        if df is not None:
+            runs.append(seeds.Run(run_dir, seeds.read_settings(run_dir) or {}, df))
+    return [(run_label(g[0].folder), g[0].log) if len(g) == 1 else seeds.band(g)
+            for g in seeds.group(runs)]  # fmt: skip
 
 
 def figures(runs: list[tuple[str, pd.DataFrame]]) -> tuple[Figure, Figure]:
@@ -268,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
         "else the current directory)",
     )
     parser.add_argument("--pdf", action="store_true", help="also write PDF versions")
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="also group the runs by their settings except the seed: final-epoch (and "
+        "best-validation) test error as mean ± std over seeds beside the paper's, as "
+        "markdown on stdout and table.csv in the output folder",
+    )
     return parser
 
 
@@ -283,17 +327,25 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(run) for run in args.runs if not run.is_dir()]
     if missing:
         return error(f"no such run folder: {', '.join(missing)}")
+    try:  # every run is checked before anything is written
+        table = seeds.table(seeds.load_runs(args.runs)) if args.table else None
+    except seeds.RunError as e:
+        return error(f"--table: {e}")
     out = args.out or (args.runs[0] if len(args.runs) == 1 else Path.cwd())
     if out.exists() and not out.is_dir():
         return error(f"--out {out} is a file, not a folder")
     try:
         written = plot_runs(args.runs, out, pdf=args.pdf)
+        if table is not None and written:
+            written.append(save_table(table, out / "table.csv"))
     except OSError as e:  # e.g. an unwritable --out folder
         return error(f"cannot write the figures in {out} ({e.strerror or e})")
     if not written:
         return error("no run has any logged epochs to plot")
+    if table is not None:  # stdout is the table alone
+        print(seeds.markdown(table))
     for path in written:
-        print(path)
+        print(path, file=sys.stdout if table is None else sys.stderr)
     return 0
 
 

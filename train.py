@@ -31,6 +31,7 @@ import data
 import densenet
 import diracnet
 import engine
+import paper
 import plot
 import recipes
 import runstate
@@ -297,7 +298,7 @@ class Reporter:
         if self.on:
             runstate.trim_log(save / "log.csv", epochs_done)
             meta = {"torch": torch.__version__, "device": str(place.device),
-                    "world_size": place.world, "host": recipes.host()}  # fmt: skip
+                    "world_size": place.world, "host": recipes.host(), **paper.record(self.args)}  # fmt: skip
             text = json.dumps({**self.args, **meta}, indent=2) + "\n"
             runstate.atomic_write(save / "args.json", lambda f: f.write(text), mode="w")
             self.writer = tensorboard(save) if a.tensorboard else None
@@ -327,17 +328,23 @@ def tensorboard(save: Path):
     return SummaryWriter(save / "tb")
 
 
-def reported(save: Path) -> str:
+def reported(save: Path, settings: dict) -> str:
     """The closing line: the final epoch's test error (the paper's number) and, with a
-    validation split, the epoch best.pt holds and its test error."""
+    validation split, the epoch best.pt holds and its test error; for a paper configuration
+    the paper's figure beside the one it compares with (paper.lookup)."""
     with (save / "log.csv").open() as f:
         rows = list(csv.DictReader(f))
-    last = rows[-1]
-    line = f"final test error {float(last['test_err']):.2f}% (epoch {last['epoch']})"
+    last, found = rows[-1], paper.lookup(settings)
+    at_final = f"; {found.text()}" if found and found.reported == "final" else ""
+    at_best = f" ({found.text()})" if found and found.reported == "best_val" else ""
+    line = f"final test error {float(last['test_err']):.2f}% (epoch {last['epoch']}{at_final})"
+    if "test_top5" in last:
+        top5 = f" (paper {found.test_top5:.2f}%)" if found and found.test_top5 is not None else ""
+        line += f", top-5 {float(last['test_top5']):.2f}%{top5}"
     if "val_err" in last:
         best = min(rows, key=lambda r: float(r["val_err"]))
         line += (f"; best.pt: epoch {best['epoch']}, lowest validation error "
-                 f"{float(best['val_err']):.2f}%, its test error {float(best['test_err']):.2f}%")  # fmt: skip
+                 f"{float(best['val_err']):.2f}%, its test error {float(best['test_err']):.2f}%{at_best}")  # fmt: skip
     return line
 
 
@@ -452,7 +459,7 @@ def train(given: dict, place: Placement) -> int:
         top5 = logs_top5(a, info.num_classes)
         code = fit(a, state, model, train_batches, evals, out, stop, place, top5)
     if code == 0 and place.rank == 0:  # the log is on rank 0's machine
-        out.say(reported(Path(a.save)))
+        out.say(reported(Path(a.save), vars(a)))
     return code
 
 

@@ -3,6 +3,7 @@ the plain path for the memory-efficient one, and torchvision's DenseNet."""
 
 import collections
 import copy
+import functools
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torchvision
 from torch import nn
 
 import densenet as D
+import paper
 from engine import saved_activation_bytes
 
 
@@ -18,26 +20,25 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# Parameter counts from the paper (Table 2) as given exactly in the issue tracker; the
-# ImageNet ones are torchvision's published figures.
+# Parameter counts of the paper's models (paper.py: Table 2's rounded to its printed
+# millions, Table 3's torchvision's published figures), and one at 100 classes.
 PAPER_COUNTS = [
-    (lambda: D.densenet_cifar(40, 12, bottleneck=False, compression=1), 1_019_722),
-    (lambda: D.densenet_cifar(100, 12, bottleneck=False, compression=1), 6_979_642),
-    (lambda: D.densenet_cifar(100, 24, bottleneck=False, compression=1), 27_249_082),
-    (lambda: D.densenet_cifar(100, 12), 769_162),
-    (lambda: D.densenet_cifar(100, 12, num_classes=100), 800_032),
-    (lambda: D.densenet_cifar(250, 24), 15_324_406),
-    (lambda: D.densenet_cifar(190, 40), 25_624_430),
-    (D.densenet121, 7_978_856),
-    (D.densenet169, 14_149_480),
-    (D.densenet201, 20_013_928),
-    (D.densenet161, 28_681_000),
-]
+    *(pytest.param(functools.partial(D.densenet_cifar, m.depth, m.growth, bottleneck=m.bc,
+                                     compression=m.compression), m.params, id=m.name)
+      for m in paper.TABLE2),
+    *(pytest.param(getattr(D, m.arch), m.params, id=m.arch) for m in paper.TABLE3),
+    pytest.param(lambda: D.densenet_cifar(100, 12, num_classes=100), 800_032, id="BC-100-12 C100"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("build,expected", PAPER_COUNTS)
 def test_parameter_counts_match_the_paper(build, expected):
     assert n_params(build()) == expected
+
+
+@pytest.mark.parametrize("model", paper.TABLE2, ids=lambda m: m.name)
+def test_exact_counts_round_to_the_papers_millions(model):
+    assert round(model.params / 1e6, 1) == model.params_m
 
 
 def test_output_shapes_cifar_mnist_imagenet():
