@@ -23,17 +23,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-import bench
 import data
 import datafiles
 import engine
+import measuring
 import recipes
-from bench import Mode
+from measuring import Mode
+from recipes import UserError
 
 PARTS = ("modes", "memory", "peers", "overhead", "train", "resume")
 ROOT = Path(__file__).resolve().parent
@@ -84,7 +86,7 @@ def check_modes(cuda: bool, default: Mode) -> list[Mode]:
             mode = Mode(f"{amp}-{compile_mode or 'eager'}", True, amp, compile_mode)
             if replace(mode, name="default") != default:
                 out.append(mode)
-    if bench.has_shared_stats():
+    if measuring.has_shared_stats():
         out.append(replace(default, name="default-plain-bn", shared_stats=False))
     return out
 
@@ -154,16 +156,16 @@ class Check:
             kept = [r for r in old if (r["model"], r["mode"]) not in new]
             payload = {**payload, "records": payload["records"] + kept}
             if "peers" in payload:
-                payload["peers"] = bench.peer_ratios(payload["records"])
+                payload["peers"] = measuring.peer_ratios(payload["records"])
         self.results["parts"][part] = {**payload, "measured": self.machine["date"],
                                        "command": self.machine["command"]}  # fmt: skip
-        bench.write_text(self.out, json.dumps(self.results, indent=2) + "\n")
+        measuring.write_text(self.out, json.dumps(self.results, indent=2) + "\n")
         print(f"{part}: saved in {self.out}", file=sys.stderr)
 
 
 def measure_rows(check: Check, part: str, jobs: list) -> list[dict]:
-    """bench.measure for each (model, mode, batch, size) in a fresh process, as long as
-    each fits: the first, then those the file lacks; one bench.record each (speedup
+    """measuring.measure for each (model, mode, batch, size) in a fresh process, as long as
+    each fits: the first, then those the file lacks; one measuring.record each (speedup
     against the first row)."""
     s, a, out, first = check.sizes, check.a, [], None
     have = check.measured(part)
@@ -176,19 +178,20 @@ def measure_rows(check: Check, part: str, jobs: list) -> list[dict]:
         args = (model, batch, mode, a.device, s.warmup, s.steps, a.threads, size)
         timeout = min(check.left() - check.reserve(), max(2 * need, need + 90))
         try:
-            times, mem, peak = bench.call_fresh(bench.measure, args, timeout=timeout)
+            times, mem, peak = measuring.call_fresh(measuring.measure, args, timeout=timeout)
         except RuntimeError as e:
             print(f"{part} {model} {mode.name} failed: {e}", file=sys.stderr)
             continue
         finally:  # a row stopped at its time makes the next rows of its kind look as long
             for key in (part, ""):
                 check.seen[key, mode.compile is not None] = time.monotonic() - start
-        row = bench.summarise(mode, batch, times, mem)
+        row = measuring.summarise(mode, batch, times, mem)
         first = first or row
-        flops = bench.flops_per_img(model, batch, size)
-        pk = bench.peak_flops(check.machine["device"], mode.amp, a.threads)
-        out.append({**bench.record(model, batch, row, first, flops, pk), "abs_peak_bytes": peak})
-        print(f"{part} {model} {mode.name}: {row.img_per_s:.1f} img/s, {bench.mib(mem)} MiB",
+        flops = measuring.flops_per_img(model, batch, size)
+        pk = measuring.peak_flops(check.machine["device"], mode.amp, a.threads)
+        record = measuring.record(model, batch, row, first, flops, pk)
+        out.append({**record, "abs_peak_bytes": peak})
+        print(f"{part} {model} {mode.name}: {row.img_per_s:.1f} img/s, {measuring.mib(mem)} MiB",
               file=sys.stderr)  # fmt: skip
     return out
 
@@ -222,48 +225,55 @@ def part_peers(check: Check) -> dict | None:
     on) and timm's, in one mode: train.py's default precision, eager."""
     s, base = check.sizes, replace(default_mode(check.device), name="eager", compile=None)
     efficient = replace(base, name="memory_efficient", memory_efficient=True)
-    models = ["densenet121", *bench.peers("densenet121")]
+    models = ["densenet121", *measuring.peers("densenet121")]
     jobs = [(m, mode, s.imagenet_batch, s.imagenet_size) for mode in (base, efficient)
             for m in models]  # fmt: skip
     rows = measure_rows(check, "peers", jobs)
     note = "eager: compiling each model does not fit one command (bench.py compiles them)"
     if "timm-densenet121" not in models:
         note += "; timm is not installed here"
-    return {"records": rows, "peers": bench.peer_ratios(rows), "note": note} if rows else None
+    return {"records": rows, "peers": measuring.peer_ratios(rows), "note": note} if rows else None
 
 
 def epoch_overhead(name: str, batch: int, mode: Mode, device: str, steps: int, threads: int):
     """Seconds of `steps` bare training steps on one batch, and of an engine.train_epoch of
     as many batches from data.Batches (uint8 images on the device, cropped, flipped and
-    normalised there, metrics summed): the best of four alternated rounds of each."""
+    normalised there, metrics summed): the best of four alternated rounds of each, under
+    train.py's process-wide settings (engine.process_settings)."""
     torch.set_num_threads(threads)
-    torch.backends.cudnn.benchmark = True
     device = torch.device(device)
-    model, opt, scaler, x, y = bench.prepare(name, batch, mode, device)
-    net = torch.compile(model, mode=mode.compile) if mode.compile else model
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (steps * batch, *x.shape[1:]), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 10, (steps * batch,), generator=g)
-    split = data.Split(images, labels).to(device)
-    batches = data.Batches(split, batch, train=True, augment=True, crop_pad=4, flip=True,
-                           mean=[0.5] * 3, std=[0.25] * 3, channels_last=mode.channels_last)  # fmt: skip
-    sums = torch.zeros(4, device=device)
-    timings = {"bare": [], "epoch": []}
-    for i in range(5):  # round 0 warms up (compiles, tunes) both; then alternate
-        for kind in ("bare", "epoch"):
-            bench.sync(device)
+    with engine.process_settings(device):
+        model, opt, scaler, x, y = measuring.prepare(name, batch, mode, device)
+        net = torch.compile(model, mode=mode.compile) if mode.compile else model
+        g = torch.Generator().manual_seed(0)
+        shape = (steps * batch, *x.shape[1:])
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, 10, (steps * batch,), generator=g)
+        split = data.Split(images, labels).to(device)
+        batches = data.Batches(split, batch, train=True, augment=True, crop_pad=4, flip=True,
+                               mean=[0.5] * 3, std=[0.25] * 3, channels_last=mode.channels_last)  # fmt: skip
+        sums = torch.zeros(4, device=device)
+        bare, whole = best_of_rounds(
+            device,
+            lambda: [engine.train_step(net, opt, scaler, x, y, mode.amp) for _ in range(steps)],
+            lambda: engine.train_epoch(net, opt, scaler, batches, sums, amp=mode.amp, top5=False),
+        )
+    return {"steps": steps, "bare_s": bare, "epoch_s": whole, "share_outside": 1 - bare / whole}
+
+
+def best_of_rounds(device: torch.device, *runs: Callable[[], object]) -> list[float]:
+    """The least seconds of each run over four rounds, runs alternated, after one round
+    that warms them up (compiles, tunes)."""
+    timings = [[] for _ in runs]
+    for i in range(5):
+        for run, times in zip(runs, timings, strict=True):
+            measuring.sync(device)
             start = time.perf_counter()
-            if kind == "bare":
-                for _ in range(steps):
-                    engine.train_step(net, opt, scaler, x, y, mode.amp)
-            else:
-                sums, _, _ = engine.train_epoch(net, opt, scaler, batches, sums, amp=mode.amp,
-                                                top5=False)  # fmt: skip
-            bench.sync(device)
+            run()
+            measuring.sync(device)
             if i:
-                timings[kind].append(time.perf_counter() - start)
-    bare, epoch = min(timings["bare"]), min(timings["epoch"])
-    return {"steps": steps, "bare_s": bare, "epoch_s": epoch, "share_outside": 1 - bare / epoch}
+                times.append(time.perf_counter() - start)
+    return [min(t) for t in timings]
 
 
 def part_overhead(check: Check) -> dict | None:
@@ -273,7 +283,7 @@ def part_overhead(check: Check) -> dict | None:
         return None
     args = (s.cifar, s.batch, mode, a.device, s.overhead_steps, a.threads)
     try:
-        result = bench.call_fresh(epoch_overhead, args, timeout=check.left() - check.reserve())
+        result = measuring.call_fresh(epoch_overhead, args, timeout=check.left() - check.reserve())
     except RuntimeError as e:
         print(f"overhead failed: {e}", file=sys.stderr)
         return None
@@ -406,12 +416,12 @@ def table(results: dict) -> str:
             continue
         for r in p.get("records", []):
             result = f"{r['speedup_vs_naive']:.2f}x naive" if part == "modes" else (
-                f"process peak {bench.mib(r.get('abs_peak_bytes'))} MiB")  # fmt: skip
+                f"process peak {measuring.mib(r.get('abs_peak_bytes'))} MiB")  # fmt: skip
             lines.append(f"| {part} | {r['model']} {r['mode']} | {r['settings']} "
-                         f"| {r['img_per_s']:.1f} | {bench.mib(r['peak_mem_bytes'])} | {result} |")  # fmt: skip
+                         f"| {r['img_per_s']:.1f} | {measuring.mib(r['peak_mem_bytes'])} | {result} |")  # fmt: skip
         for r in p.get("peers", []):
             lines.append(f"| {part} | ours / {r['peer']} | {r['settings']} | | "
-                         f"| {r['speed_ratio']:.2f}x img/s, {bench.num(r['mem_ratio'])}x memory |")  # fmt: skip
+                         f"| {r['speed_ratio']:.2f}x img/s, {measuring.num(r['mem_ratio'])}x memory |")  # fmt: skip
         if part == "overhead":
             lines.append(f"| {part} | {p['model']} | {p['settings']} | | "
                          f"| {100 * p['share_outside']:.1f}% of the epoch outside the step |")  # fmt: skip
@@ -436,7 +446,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds for the whole check (default 450: one 8-minute command)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), metavar="PART",
                    help=f"which parts, of {' '.join(PARTS)} (default all)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (cuda where usable), cpu, cuda:N")
     p.add_argument("--tiny", action="store_true",
                    help="tiny models and sizes: the whole path in minutes on CPU (the tests)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads")
@@ -449,10 +459,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="folder for the training runs (default work/gpu-check)")
     # fmt: on
     a = p.parse_args(argv)
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = measuring.select_device(a.device)
     if a.budget <= 0:
-        raise bench.UsageError(f"--budget {a.budget:g}: give the seconds the check may take")
+        raise UserError(f"--budget {a.budget:g}: give the seconds the check may take")
+    a.device = str(device)
     return a
 
 
@@ -460,9 +470,9 @@ def main(argv: list[str]) -> int:
     """Run the chosen parts in order within the budget, then print the table."""
     a = parse_args(argv)
     device = torch.device(a.device)
-    machine = bench.machine_info(device, a.threads, ["--gpu-check", *argv])
-    name = f"gpu-check-{bench.device_kind(machine['device'])}.json"
-    out = bench.writable(a.out or ROOT / "results" / name, name, "--out")
+    machine = measuring.machine_info(device, a.threads, ["--gpu-check", *argv])
+    name = f"gpu-check-{measuring.device_kind(machine['device'])}.json"
+    out = measuring.writable(a.out or ROOT / "results" / name, name, "--out")
     check = Check(a, out, machine)
     steps = {"modes": part_modes, "memory": part_memory, "peers": part_peers,
              "overhead": part_overhead}  # fmt: skip
@@ -484,4 +494,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(bench.main(["--gpu-check", *sys.argv[1:]]))
+    sys.exit(measuring.command(main, sys.argv[1:]))
