@@ -10,7 +10,8 @@ DenseNet-121 at 224 beside torchvision's and timm's; the share of an epoch spent
 model step; a Fashion-MNIST training run with train.py; SIGTERM during that run and --resume.
 Each part is written into results/gpu-check-<gpu>.json (atomically) the moment it finishes,
 merged by part name with what the file holds; a part, or a row, that no longer fits the
-budget is skipped with a line saying so.
+budget is skipped with a line saying so. Without a usable GPU the check refuses in one line,
+unless --device cpu asks for it on the CPU.
 """
 
 import argparse
@@ -446,7 +447,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds for the whole check (default 450: one 8-minute command)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), metavar="PART",
                    help=f"which parts, of {' '.join(PARTS)} (default all)")
-    p.add_argument("--device", default="auto", help="auto (cuda where usable), cpu, cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU; refused without one), cuda:N, or cpu to run it on the CPU")
     p.add_argument("--tiny", action="store_true",
                    help="tiny models and sizes: the whole path in minutes on CPU (the tests)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads")
@@ -460,6 +462,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # fmt: on
     a = p.parse_args(argv)
     device = measuring.select_device(a.device)
+    if a.device == "auto" and device.type != "cuda":
+        why = engine.cuda_unusable_reason() or f"torch {torch.__version__} is built without CUDA"
+        raise UserError(f"--gpu-check: no usable GPU here ({why}); --device cpu runs it on the CPU")
     if a.budget <= 0:
         raise UserError(f"--budget {a.budget:g}: give the seconds the check may take")
     a.device = str(device)
