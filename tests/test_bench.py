@@ -247,6 +247,26 @@ def test_gpu_check_without_a_gpu_refuses_unless_given_the_cpu(tmp_path: Path, en
     assert not default_file.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_gpu_check_plan_keeps_first_rows_then_the_training_run(tmp_path: Path, capsys):
+    """The budget is planned in gpucheck.PRIORITY order: the first rows of modes, memory and
+    peers always, then the training run, the overhead and the resume while they fit; what
+    does not fit is skipped at once, each with a line."""
+    synthetic.make_mnist(tmp_path, "fashion-mnist", n_train=64, n_test=16)
+    a = gpucheck.parse_args(["--device", "cpu", "--tiny", "--data-dir", str(tmp_path)])
+    check = gpucheck.Check(a, tmp_path / "check.json", {})
+    need = {part: check.first_need(part) for part in gpucheck.PARTS}
+    rows = need["modes"] + need["memory"] + need["peers"]
+    check.plan(list(gpucheck.PARTS), rows + need["train"])
+    assert list(check.need) == ["modes", "memory", "peers", "train"]
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" needs ~")[0] for line in err] == ["skipped: overhead", "skipped: resume"]
+    check.plan(list(gpucheck.PARTS), rows + need["train"] - 1)  # the run no longer fits
+    fits = rows + need["overhead"] <= rows + need["train"] - 1
+    assert list(check.need) == ["modes", "memory", "peers", *["overhead"] * fits]
+    check.plan(["train", "peers"], 1)  # nothing fits: the rows are still tried, one by one
+    assert list(check.need) == ["peers"] and check.skipped[-1] == "train"
+
+
 def gpu_check(tmp_path: Path, *args) -> subprocess.CompletedProcess:
     """The tiny GPU check on CPU, its results in tmp_path/check.json."""
     flags = ["--gpu-check", "--tiny", "--out", tmp_path / "check.json", "--data-dir",
