@@ -1,5 +1,6 @@
-"""The training loop's parts, shared by train.py and bench.py: the process-wide settings of
-a run, the step, evaluation, metrics, stop signals and compiling with an eager fallback."""
+"""The training loop's parts, shared by train.py and the measuring code: the device a run
+uses, the process-wide settings of a run, the step, evaluation, metrics, stop signals and
+compiling with an eager fallback."""
 
 import copy
 import ctypes
@@ -7,6 +8,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 import data
 import runstate
+from recipes import UserError
 
 # glibc's mallopt parameters, and the defaults that process_settings restores.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -53,6 +56,65 @@ def keep_freed_memory(keep: bool = True) -> bool:
     mallopt(M_MMAP_MAX, 0 if keep else GLIBC_MMAP_MAX)  # serve large blocks from the heap
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1 if keep else GLIBC_TRIM_THRESHOLD)  # never shrink it
     return True
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def cuda_unusable_reason() -> str | None:
+    """Why a CUDA build of torch cannot use a GPU here, as torch says it; None when it can
+    or when this torch has no CUDA."""
+    if torch.version.cuda is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # is_available() warns about old drivers
+        if torch.cuda.is_available():
+            return None
+        try:
+            torch.cuda.init()
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or AssertionError
+            return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return "torch.cuda.is_available() is False"
+
+
+def either(names: list[str]) -> str:
+    """"a, b or c"."""
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def select_device(flag: str, world: int = 1, local_rank: int = 0, program: str = "train.py",
+                  runs_on: tuple[str, ...] = ("cuda", "mps", "cpu")) -> torch.device:  # fmt: skip
+    """The device --device names; auto: the first usable of runs_on (CUDA, then MPS, then
+    the CPU). Under torchrun each process takes cuda:LOCAL_RANK. Bad flags: UserError."""
+    if flag == "auto":
+        if "cuda" in runs_on and torch.cuda.is_available():
+            return torch.device("cuda", local_rank if world > 1 else 0)
+        mps = "mps" in runs_on and torch.backends.mps.is_available()
+        return torch.device("mps" if mps and world == 1 else "cpu")
+    kinds = sorted(runs_on)
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        names = sorted([*runs_on, *["cuda:N"] * ("cuda" in runs_on)])
+        raise UserError(f"--device {flag}: expected {either(['auto', *names])}") from None
+    if device.type not in runs_on:
+        raise UserError(f"--device {flag}: {program} runs on {either(kinds)}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {flag}: no usable CUDA device ({cuda_unusable_reason()})")
+        if world > 1 and device.index is not None:
+            raise UserError(f"--device {flag}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda")
+        index = local_rank if world > 1 else device.index or 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA devices")
+        return torch.device("cuda", index)
+    if device.type == "mps" and (world > 1 or not torch.backends.mps.is_available()):
+        why = "torchrun needs cuda or cpu" if world > 1 else "MPS is not available here"
+        raise UserError(f"--device {flag}: {why}")
+    return device
+
+
+# ----------------------------------------------------------------------------- settings
 
 
 class Stop:

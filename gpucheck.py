@@ -9,8 +9,11 @@ Parts, in order: DenseNet-BC-100-12's training modes; DenseNet-BC-190-40 memory_
 DenseNet-121 at 224 beside torchvision's and timm's; the share of an epoch spent outside the
 model step; a Fashion-MNIST training run with train.py; SIGTERM during that run and --resume.
 Each part is written into results/gpu-check-<gpu>.json (atomically) the moment it finishes,
-merged by part name with what the file holds; a part, or a row, that no longer fits the
-budget is skipped with a line saying so.
+merged by part name with what the file holds. The budget is planned first: time is kept
+for each part's first rows (or its run) in PRIORITY order, a part it cannot hold is skipped
+at once, and the time left over is shared evenly by the parts that can use more.
+A part, or a row, that no longer fits is skipped with a line saying so. Without a usable
+GPU the check refuses in one line, unless --device cpu asks for it on the CPU.
 """
 
 import argparse
@@ -23,25 +26,41 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-import bench
 import data
 import datafiles
 import engine
+import measuring
 import recipes
-from bench import Mode
+from measuring import Mode
+from recipes import UserError
 
 PARTS = ("modes", "memory", "peers", "overhead", "train", "resume")
+# Whose time is kept first when the budget cannot hold every part: the first rows of the
+# three parts of rows, then the training run, the overhead, and stopping and resuming.
+PRIORITY = ("modes", "memory", "peers", "train", "overhead", "resume")
+ROWS = ("modes", "memory", "peers")  # always tried: each row says when it does not fit
+GROWS = (*ROWS, "train")  # the parts that use more time when there is more (rows, epochs)
 ROOT = Path(__file__).resolve().parent
 SIGTERM_EXIT = 128 + signal.SIGTERM  # what train.py returns after saving on SIGTERM
-# Guessed seconds (start, build, warm-up and timed steps) of one measured row before one
-# has been seen, and of train.py's start (data, model, compiling): (eager, compiled).
-ROW_GUESS = {"cuda": (15, 60), "cpu": (20, 240)}
-TRAIN_START_GUESS = {"cuda": (20, 60), "cpu": (20, 240)}
+# Guessed seconds, (eager, compiled), until one has been seen. CUDA: the first GPU check
+# (results/gpu-check-h200.log; NVIDIA H200, torch 2.11, 2026-12-04): fresh processes reached
+# their first training step in 20-26 s (the memory and peers rows that failed there), so an
+# eager row of warm-up and timed steps takes ~30 s; compiling BC-100-12 ran past 74 s (the
+# overhead part, stopped there), and train.py took ~165 s besides its first epoch (start,
+# compiling for training and evaluation, one evaluation, saving), mostly compiling, so a
+# compiled row takes ~150 s; that first epoch took 64.5 s. CPU: the tiny models of the CPU
+# test (compiled: a few minutes on 2 cores).
+ROW_GUESS = {"cuda": (30, 150), "cpu": (20, 240)}  # one measured row, in its own process
+TRAIN_START_GUESS = {"cuda": (30, 165), "cpu": (20, 240)}  # train.py besides its epochs
+# train.py's Fashion-MNIST epoch at the least: the H200's first epoch was far slower than
+# bench steps at part 1's img/s would say, so that estimate alone is not trusted.
+EPOCH_GUESS = {"cuda": 65.0, "cpu": 0.0}
 
 
 @dataclass(frozen=True)
@@ -58,14 +77,13 @@ class Sizes:
     overhead_steps: int
     train_flags: tuple[str, ...]  # train.py's model flags (none: the paper's BC-100-12)
     train_batch: int
-    train_s: float  # the training run's wall time (its first start included)
     max_epochs: int  # the recipe's 40 Fashion-MNIST epochs
 
 
-FULL = Sizes("densenet-bc-100-12", "densenet-bc-190-40", 64, 224, 64, 10, 30, 60, (), 64, 180, 40)
+FULL = Sizes("densenet-bc-100-12", "densenet-bc-190-40", 64, 224, 64, 10, 30, 60, (), 64, 40)
 TINY_FLAGS = ("--depth", "10", "--growth", "4")
 # DenseNet-121 at 64x64: its last block still sees 2x2 maps (BN needs two values a channel)
-TINY = Sizes("tiny", "tiny", 8, 64, 2, 1, 3, 4, TINY_FLAGS, 16, 30, 3)
+TINY = Sizes("tiny", "tiny", 8, 64, 2, 1, 3, 4, TINY_FLAGS, 16, 3)
 
 
 def default_mode(device: torch.device) -> Mode:
@@ -93,16 +111,18 @@ def check_modes(cuda: bool, default: Mode) -> list[Mode]:
 
 
 class Check:
-    """The budget, the time each kind of row has taken, and the results file."""
+    """The budget and its plan, the time each kind of row has taken, and the results file."""
 
     def __init__(self, a: argparse.Namespace, out: Path, machine: dict) -> None:
         self.a, self.out, self.machine = a, out, machine
         self.device = torch.device(a.device)
         self.sizes = TINY if a.tiny else FULL
         self.end = time.monotonic() + a.budget
+        self.part_end = self.end  # when the running part's time is up
+        self.need: dict[str, float] = {}  # planned parts not yet run: seconds kept for each
         self.seen: dict[tuple[str, bool], float] = {}  # (part, compiled) -> seconds a row
         self.skipped: list[str] = []
-        self.later: list[str] = []  # the chosen parts after the running one
+        self.images = fashion_mnist_images(a.data_dir)
         self.results = {"parts": {}}
         if out.exists():
             try:
@@ -119,24 +139,69 @@ class Check:
         guess = ROW_GUESS[self.device.type][compiled]
         return self.seen.get((part, compiled), self.seen.get(("", compiled), guess))
 
-    def reserve(self) -> float:
-        """Seconds kept for the parts after the running one: the training run's planned
-        wall time, the resume's start, and the first row (two for the peers) of the others."""
+    def first_need(self, part: str) -> float:
+        """Seconds a part needs at the least: its first row (two for the peers: a ratio),
+        the overhead's one measurement in the default mode, or a run's start and one epoch."""
         default = default_mode(self.device)
         eager = self.row_cost("", replace(default, compile=None))
-        first = {"memory": eager, "peers": 2 * eager, "overhead": self.row_cost("modes", default),
-                 "train": self.sizes.train_s,
-                 "resume": TRAIN_START_GUESS[self.device.type][default.compile is not None]}  # fmt: skip
-        return sum(first[p] for p in self.later)
+        if part in ("train", "resume"):
+            return sum(train_costs(self))
+        return {"modes": eager, "memory": eager, "peers": 2 * eager,
+                "overhead": self.row_cost("modes", default)}[part]  # fmt: skip
+
+    def plan(self, parts: list[str], seconds: float) -> None:
+        """Keep time for each part's first_need (updated from the rows seen), in PRIORITY
+        order while `seconds` hold it; a part they cannot hold is skipped now, saying so.
+        The parts of rows are always kept: their rows say for themselves what does not fit."""
+        self.need, kept = {}, 0.0
+        for part in sorted(parts, key=PRIORITY.index):
+            if part in ("train", "resume") and self.images is None:
+                self.skipped.append(part)
+                print(f"skipped: {part}: no Fashion-MNIST (set FASHION_MNIST_DIR, README)",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            need = self.first_need(part)
+            if part in ROWS or kept + need <= seconds:
+                self.need[part], kept = need, kept + need
+            else:
+                self.skip(part, need, seconds - kept)
+
+    def kept_after(self, part: str) -> float:
+        """Seconds kept for the planned parts after this one."""
+        return sum(n for p, n in self.need.items() if PARTS.index(p) > PARTS.index(part))
+
+    def start(self, part: str) -> bool:
+        """Begin a part, planning again the time left for it and the parts after it (an
+        earlier part may have run long); False if it no longer fits. A part of rows or the
+        training run may use its need and an even share of the time no planned part needs;
+        no part uses the time kept for the parts after it."""
+        self.plan(list(self.need), self.left())
+        if part not in self.need:
+            return False
+        rest = [p for p in self.need if PARTS.index(p) >= PARTS.index(part)]
+        spare = max(self.left() - sum(self.need[p] for p in rest), 0)
+        share = spare / len([p for p in rest if p in GROWS]) if part in GROWS else 0
+        now = time.monotonic()
+        self.part_end = min(now + self.need[part] + share, self.end - self.kept_after(part))
+        return True
 
     def fits(self, what: str, need: float) -> bool:
-        """Whether `need` seconds fit, keeping reserve() for the parts after; if not, say so."""
-        left = self.left() - self.reserve()
-        if need <= left:
+        """Whether `need` seconds fit in the running part's time, to the second (a part's
+        first row is given just its need); if not, say so."""
+        left = self.part_end - time.monotonic()
+        if need < left + 1:
             return True
+        self.skip(what, need, left)
+        return False
+
+    def skip(self, what: str, need: float, left: float) -> None:
         self.skipped.append(what)
         print(f"skipped: {what} needs ~{need:.0f}s, {max(left, 0):.0f}s left", file=sys.stderr)
-        return False
+
+    def timeout(self, part: str, need: float) -> float:
+        """Seconds a measurement guessed at `need` may run: twice that (90 s more at the
+        least), never into the time kept for the parts after this one."""
+        return min(self.end - self.kept_after(part) - time.monotonic(), max(2 * need, need + 90))
 
     def measured(self, part: str) -> set[tuple[str, str]]:
         """(model, mode) of the rows the file holds for a part."""
@@ -154,16 +219,16 @@ class Check:
             kept = [r for r in old if (r["model"], r["mode"]) not in new]
             payload = {**payload, "records": payload["records"] + kept}
             if "peers" in payload:
-                payload["peers"] = bench.peer_ratios(payload["records"])
+                payload["peers"] = measuring.peer_ratios(payload["records"])
         self.results["parts"][part] = {**payload, "measured": self.machine["date"],
                                        "command": self.machine["command"]}  # fmt: skip
-        bench.write_text(self.out, json.dumps(self.results, indent=2) + "\n")
+        measuring.write_text(self.out, json.dumps(self.results, indent=2) + "\n")
         print(f"{part}: saved in {self.out}", file=sys.stderr)
 
 
 def measure_rows(check: Check, part: str, jobs: list) -> list[dict]:
-    """bench.measure for each (model, mode, batch, size) in a fresh process, as long as
-    each fits: the first, then those the file lacks; one bench.record each (speedup
+    """measuring.measure for each (model, mode, batch, size) in a fresh process, as long as
+    each fits: the first, then those the file lacks; one measuring.record each (speedup
     against the first row)."""
     s, a, out, first = check.sizes, check.a, [], None
     have = check.measured(part)
@@ -174,21 +239,23 @@ def measure_rows(check: Check, part: str, jobs: list) -> list[dict]:
             continue
         start = time.monotonic()
         args = (model, batch, mode, a.device, s.warmup, s.steps, a.threads, size)
-        timeout = min(check.left() - check.reserve(), max(2 * need, need + 90))
         try:
-            times, mem, peak = bench.call_fresh(bench.measure, args, timeout=timeout)
+            times, mem, peak = measuring.call_fresh(
+                measuring.measure, args, timeout=check.timeout(part, need)
+            )
         except RuntimeError as e:
             print(f"{part} {model} {mode.name} failed: {e}", file=sys.stderr)
             continue
         finally:  # a row stopped at its time makes the next rows of its kind look as long
             for key in (part, ""):
                 check.seen[key, mode.compile is not None] = time.monotonic() - start
-        row = bench.summarise(mode, batch, times, mem)
+        row = measuring.summarise(mode, batch, times, mem)
         first = first or row
-        flops = bench.flops_per_img(model, batch, size)
-        pk = bench.peak_flops(check.machine["device"], mode.amp, a.threads)
-        out.append({**bench.record(model, batch, row, first, flops, pk), "abs_peak_bytes": peak})
-        print(f"{part} {model} {mode.name}: {row.img_per_s:.1f} img/s, {bench.mib(mem)} MiB",
+        flops = measuring.flops_per_img(model, batch, size)
+        pk = measuring.peak_flops(check.machine["device"], mode.amp, a.threads)
+        record = measuring.record(model, batch, row, first, flops, pk)
+        out.append({**record, "abs_peak_bytes": peak})
+        print(f"{part} {model} {mode.name}: {row.img_per_s:.1f} img/s, {measuring.mib(mem)} MiB",
               file=sys.stderr)  # fmt: skip
     return out
 
@@ -222,58 +289,66 @@ def part_peers(check: Check) -> dict | None:
     on) and timm's, in one mode: train.py's default precision, eager."""
     s, base = check.sizes, replace(default_mode(check.device), name="eager", compile=None)
     efficient = replace(base, name="memory_efficient", memory_efficient=True)
-    models = ["densenet121", *bench.peers("densenet121")]
+    models = ["densenet121", *measuring.peers("densenet121")]
     jobs = [(m, mode, s.imagenet_batch, s.imagenet_size) for mode in (base, efficient)
             for m in models]  # fmt: skip
     rows = measure_rows(check, "peers", jobs)
     note = "eager: compiling each model does not fit one command (bench.py compiles them)"
     if "timm-densenet121" not in models:
         note += "; timm is not installed here"
-    return {"records": rows, "peers": bench.peer_ratios(rows), "note": note} if rows else None
+    return {"records": rows, "peers": measuring.peer_ratios(rows), "note": note} if rows else None
 
 
 def epoch_overhead(name: str, batch: int, mode: Mode, device: str, steps: int, threads: int):
     """Seconds of `steps` bare training steps on one batch, and of an engine.train_epoch of
     as many batches from data.Batches (uint8 images on the device, cropped, flipped and
-    normalised there, metrics summed): the best of four alternated rounds of each."""
+    normalised there, metrics summed): the best of four alternated rounds of each, under
+    train.py's process-wide settings (engine.process_settings)."""
     torch.set_num_threads(threads)
-    torch.backends.cudnn.benchmark = True
     device = torch.device(device)
-    model, opt, scaler, x, y = bench.prepare(name, batch, mode, device)
-    net = torch.compile(model, mode=mode.compile) if mode.compile else model
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (steps * batch, *x.shape[1:]), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 10, (steps * batch,), generator=g)
-    split = data.Split(images, labels).to(device)
-    batches = data.Batches(split, batch, train=True, augment=True, crop_pad=4, flip=True,
-                           mean=[0.5] * 3, std=[0.25] * 3, channels_last=mode.channels_last)  # fmt: skip
-    sums = torch.zeros(4, device=device)
-    timings = {"bare": [], "epoch": []}
-    for i in range(5):  # round 0 warms up (compiles, tunes) both; then alternate
-        for kind in ("bare", "epoch"):
-            bench.sync(device)
+    with engine.process_settings(device):
+        model, opt, scaler, x, y = measuring.prepare(name, batch, mode, device)
+        net = torch.compile(model, mode=mode.compile) if mode.compile else model
+        g = torch.Generator().manual_seed(0)
+        shape = (steps * batch, *x.shape[1:])
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, 10, (steps * batch,), generator=g)
+        split = data.Split(images, labels).to(device)
+        batches = data.Batches(split, batch, train=True, augment=True, crop_pad=4, flip=True,
+                               mean=[0.5] * 3, std=[0.25] * 3, channels_last=mode.channels_last)  # fmt: skip
+        sums = torch.zeros(4, device=device)
+        bare, whole = best_of_rounds(
+            device,
+            lambda: [engine.train_step(net, opt, scaler, x, y, mode.amp) for _ in range(steps)],
+            lambda: engine.train_epoch(net, opt, scaler, batches, sums, amp=mode.amp, top5=False),
+        )
+    return {"steps": steps, "bare_s": bare, "epoch_s": whole, "share_outside": 1 - bare / whole}
+
+
+def best_of_rounds(device: torch.device, *runs: Callable[[], object]) -> list[float]:
+    """The least seconds of each run over four rounds, runs alternated, after one round
+    that warms them up (compiles, tunes)."""
+    timings = [[] for _ in runs]
+    for i in range(5):
+        for run, times in zip(runs, timings, strict=True):
+            measuring.sync(device)
             start = time.perf_counter()
-            if kind == "bare":
-                for _ in range(steps):
-                    engine.train_step(net, opt, scaler, x, y, mode.amp)
-            else:
-                sums, _, _ = engine.train_epoch(net, opt, scaler, batches, sums, amp=mode.amp,
-                                                top5=False)  # fmt: skip
-            bench.sync(device)
+            run()
+            measuring.sync(device)
             if i:
-                timings[kind].append(time.perf_counter() - start)
-    bare, epoch = min(timings["bare"]), min(timings["epoch"])
-    return {"steps": steps, "bare_s": bare, "epoch_s": epoch, "share_outside": 1 - bare / epoch}
+                times.append(time.perf_counter() - start)
+    return [min(t) for t in timings]
 
 
 def part_overhead(check: Check) -> dict | None:
     """4. The share of an epoch spent outside the model step, in train.py's default mode."""
     s, a, mode = check.sizes, check.a, default_mode(check.device)
-    if not check.fits("overhead", check.row_cost("modes", mode)):
+    need = check.row_cost("modes", mode)
+    if not check.fits("overhead", need):
         return None
     args = (s.cifar, s.batch, mode, a.device, s.overhead_steps, a.threads)
     try:
-        result = bench.call_fresh(epoch_overhead, args, timeout=check.left() - check.reserve())
+        result = measuring.call_fresh(epoch_overhead, args, timeout=check.timeout("overhead", need))
     except RuntimeError as e:
         print(f"overhead failed: {e}", file=sys.stderr)
         return None
@@ -319,58 +394,81 @@ def read_log(path: Path) -> list[dict]:
     return [dict(zip(head, map(number, r), strict=True)) for r in rows if len(r) == len(head)]
 
 
-def run_train(cmd: list[str], folder: Path, deadline: float, stop_after: int | None) -> dict:
-    """Run train.py until it ends or the deadline (then SIGTERM: it saves and exits); with
-    stop_after, SIGTERM once the log holds that many epochs. Exit code, seconds, signal."""
+def run_train(cmd: list[str], folder: Path, deadline: float,
+              stop: Callable[[list[dict], float], bool] | None = None) -> dict:  # fmt: skip
+    """Run train.py until it ends or the deadline (then SIGTERM: it saves and exits), or
+    until stop(the log's rows, seconds so far) says so. Exit code, seconds, signal."""
     folder.mkdir(parents=True, exist_ok=True)
     start, sent = time.monotonic(), None
     with (folder / "output.txt").open("a") as output:
         proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT)
         while proc.poll() is None:
             time.sleep(0.05)
-            due = stop_after is not None and len(read_log(folder / "log.csv")) >= stop_after
+            seconds = time.monotonic() - start
+            due = sent is None and stop is not None and stop(read_log(folder / "log.csv"), seconds)
             if sent is None and (due or time.monotonic() > deadline):
                 sent = "requested" if due else "deadline"
                 proc.send_signal(signal.SIGTERM)
     return {"exit": proc.returncode, "seconds": time.monotonic() - start, "sigterm": sent}
 
 
-def plan_epochs(check: Check, images: tuple[int, int], resume: bool) -> tuple[int, float]:
-    """Epochs that fit the run's planned wall time (less where the budget is shorter), from
-    part 1's img/s in the default mode (or a guess); and the guessed seconds of a start."""
-    s, mode = check.sizes, default_mode(check.device)
-    startup = TRAIN_START_GUESS[check.device.type][mode.compile is not None]
+def train_costs(check: Check) -> tuple[float, float]:
+    """Guessed seconds of train.py's start (besides its epochs) and of one epoch: from
+    part 1's img/s in train.py's default mode (else 1000), never below EPOCH_GUESS."""
+    mode, kind = default_mode(check.device), check.device.type
     measured = check.results["parts"].get("modes", {}).get("records", [])
     speed = next((r["img_per_s"] for r in measured if r["mode"] == "default"), 1000)
+    train_images, test_images = check.images
     # 28x28 images are 0.77 of the 32x32 ones part 1 measured; evaluation is ~3x faster
-    epoch_s = 0.77 * (images[0] + images[1] / 3) / speed + 1
-    wall = min(s.train_s + resume * startup, check.left() - 5)
-    return max(1, min(s.max_epochs, int((wall - startup * (1 + resume)) / epoch_s))), startup
+    epoch_s = 0.77 * (train_images + test_images / 3) / speed + 1
+    return TRAIN_START_GUESS[kind][mode.compile is not None], max(epoch_s, EPOCH_GUESS[kind])
 
 
-def part_train(check: Check, resume: bool) -> None:
+def train_epochs(check: Check) -> tuple[int, bool]:
+    """(epochs, whether to stop and resume): as many epochs as the time left holds, with
+    a second start where the resume was planned and still fits; (0, False): none fits."""
+    start_s, epoch_s = train_costs(check)
+    # the last part (the resume runs inside it): all the time left, less the 5 s by which
+    # the SIGTERM at the deadline comes early
+    check.part_end = check.end - 5
+    wall = check.part_end - time.monotonic()
+    resume = check.need.pop("resume", None) is not None
+    if resume and 2 * (start_s + epoch_s) > wall:
+        check.skip("resume", start_s + epoch_s, wall - start_s - epoch_s)
+        resume = False
+    if not check.fits("train", start_s + epoch_s):
+        return 0, False
+    epochs = int((wall - start_s * (1 + resume)) / epoch_s)
+    return max(1 + resume, min(check.sizes.max_epochs, epochs)), resume
+
+
+def part_train(check: Check) -> None:
     """5 and 6. train.py on Fashion-MNIST with the paper's recipe, sized to the budget:
-    final-epoch test error and wall time; with `resume`, SIGTERM halfway, then --resume."""
+    final-epoch test error and wall time; with the resume part, SIGTERM halfway (where the
+    second start still fits, as long as the first one took), then --resume."""
     a, s = check.a, check.sizes
-    images = fashion_mnist_images(a.data_dir)
-    if images is None:
-        check.skipped.append("train")
-        print("skipped: train: no Fashion-MNIST (set FASHION_MNIST_DIR, README)", file=sys.stderr)
-        return
-    epochs, startup = plan_epochs(check, images, resume)
-    resume = resume and epochs > 1
-    if not check.fits("train", startup * (1 + resume) + 10):
+    epochs, resume = train_epochs(check)
+    if not epochs:
         return
     folder = a.save / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "fashion-mnist",
            "--data-dir", a.data_dir, "--save", str(folder), "--epochs", str(epochs),
            "--batch-size", str(s.train_batch), "--device", a.device, "--no-plot",
            *s.train_flags]  # fmt: skip
-    first = run_train(cmd, folder, check.end - 5, max(1, epochs // 2) if resume else None)
+    go = None  # whether the resumed run fits: decided once, when the stop is due
+
+    def stop(rows: list[dict], seconds: float) -> bool:
+        nonlocal go
+        if resume and go is None and len(rows) >= epochs // 2:
+            took = sum(r["seconds"] for r in rows)  # the logged epochs' training seconds
+            go = check.fits("resume", seconds - took + (epochs - len(rows)) * took / len(rows))
+        return bool(go)
+
+    first = run_train(cmd, folder, check.end - 5, stop)
     runs = [first]
     if first["sigterm"] == "requested" and first["exit"] == SIGTERM_EXIT:
         check.save("resume", {"stop": first, "note": "stopped; the resumed run has not ended"})
-        runs.append(run_train([*cmd, "--resume"], folder, check.end - 5, None))
+        runs.append(run_train([*cmd, "--resume"], folder, check.end - 5))
     rows = read_log(folder / "log.csv")
     done = [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1)) and runs[-1]["exit"] == 0
     check.save("train", {
@@ -386,7 +484,7 @@ def part_train(check: Check, resume: bool) -> None:
         said = [ln for ln in (folder / "output.txt").read_text().splitlines() if "signal" in ln]
         check.save("resume", {"stop": first, "resumed": runs[1], "stopped_and_saved": saved,
                               "stop_message": said[:1], "continued_to_the_end": done})  # fmt: skip
-    elif resume:
+    elif resume and go is not False:
         check.skipped.append("resume")
         print("skipped: resume: the run ended before its SIGTERM took effect", file=sys.stderr)
 
@@ -406,12 +504,12 @@ def table(results: dict) -> str:
             continue
         for r in p.get("records", []):
             result = f"{r['speedup_vs_naive']:.2f}x naive" if part == "modes" else (
-                f"process peak {bench.mib(r.get('abs_peak_bytes'))} MiB")  # fmt: skip
+                f"process peak {measuring.mib(r.get('abs_peak_bytes'))} MiB")  # fmt: skip
             lines.append(f"| {part} | {r['model']} {r['mode']} | {r['settings']} "
-                         f"| {r['img_per_s']:.1f} | {bench.mib(r['peak_mem_bytes'])} | {result} |")  # fmt: skip
+                         f"| {r['img_per_s']:.1f} | {measuring.mib(r['peak_mem_bytes'])} | {result} |")  # fmt: skip
         for r in p.get("peers", []):
             lines.append(f"| {part} | ours / {r['peer']} | {r['settings']} | | "
-                         f"| {r['speed_ratio']:.2f}x img/s, {bench.num(r['mem_ratio'])}x memory |")  # fmt: skip
+                         f"| {r['speed_ratio']:.2f}x img/s, {measuring.num(r['mem_ratio'])}x memory |")  # fmt: skip
         if part == "overhead":
             lines.append(f"| {part} | {p['model']} | {p['settings']} | | "
                          f"| {100 * p['share_outside']:.1f}% of the epoch outside the step |")  # fmt: skip
@@ -435,8 +533,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=450,
                    help="seconds for the whole check (default 450: one 8-minute command)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), metavar="PART",
-                   help=f"which parts, of {' '.join(PARTS)} (default all)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+                   help=f"which parts, of {' '.join(PARTS)} (default all; resume includes train)")
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU; refused without one), cuda:N, or cpu to run it on the CPU")
     p.add_argument("--tiny", action="store_true",
                    help="tiny models and sizes: the whole path in minutes on CPU (the tests)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads")
@@ -449,32 +548,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="folder for the training runs (default work/gpu-check)")
     # fmt: on
     a = p.parse_args(argv)
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = measuring.select_device(a.device)
+    if a.device == "auto" and device.type != "cuda":
+        why = engine.cuda_unusable_reason() or f"torch {torch.__version__} is built without CUDA"
+        raise UserError(f"--gpu-check: no usable GPU here ({why}); --device cpu runs it on the CPU")
     if a.budget <= 0:
-        raise bench.UsageError(f"--budget {a.budget:g}: give the seconds the check may take")
+        raise UserError(f"--budget {a.budget:g}: give the seconds the check may take")
+    a.device = str(device)
+    a.parts = [p for p in PARTS if p in a.parts or (p == "train" and "resume" in a.parts)]
     return a
 
 
 def main(argv: list[str]) -> int:
-    """Run the chosen parts in order within the budget, then print the table."""
+    """Plan the budget, run the planned parts in order, then print the table."""
     a = parse_args(argv)
     device = torch.device(a.device)
-    machine = bench.machine_info(device, a.threads, ["--gpu-check", *argv])
-    name = f"gpu-check-{bench.device_kind(machine['device'])}.json"
-    out = bench.writable(a.out or ROOT / "results" / name, name, "--out")
+    machine = measuring.machine_info(device, a.threads, ["--gpu-check", *argv])
+    name = f"gpu-check-{measuring.device_kind(machine['device'])}.json"
+    out = measuring.writable(a.out or ROOT / "results" / name, name, "--out")
     check = Check(a, out, machine)
+    check.plan(a.parts, a.budget)
     steps = {"modes": part_modes, "memory": part_memory, "peers": part_peers,
              "overhead": part_overhead}  # fmt: skip
-    chosen = [p for p in PARTS if p in a.parts]
-    for i, part in enumerate(chosen):
-        check.later = [] if part == "train" else chosen[i + 1 :]  # train covers resume
-        if part in steps:
+    for part in PARTS:
+        if part not in check.need or not check.start(part):  # resume: inside the training part
+            continue
+        if part == "train":
+            part_train(check)
+        else:
             payload = steps[part](check)
             if payload:
                 check.save(part, payload)
-        elif part == "train" or "train" not in chosen:  # one run serves both train and resume
-            part_train(check, resume="resume" in chosen)
+        check.need.pop(part)
     print(table(check.results))
     print(f"results: {out}; skipped: {', '.join(check.skipped) or 'nothing'}")
     again = [p for p in PARTS if any(x.split()[0] == p for x in check.skipped)]
@@ -484,4 +589,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(bench.main(["--gpu-check", *sys.argv[1:]]))
+    sys.exit(measuring.command(main, sys.argv[1:]))

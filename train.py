@@ -17,7 +17,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,58 +49,13 @@ class Placement:
     device: torch.device
 
 
-def cuda_unusable_reason() -> str | None:
-    """Why a CUDA build of torch cannot use a GPU here, as torch says it; None when it can
-    or when this torch has no CUDA."""
-    if torch.version.cuda is None:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # is_available() warns about old drivers
-        if torch.cuda.is_available():
-            return None
-        try:
-            torch.cuda.init()
-        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or AssertionError
-            return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    return "torch.cuda.is_available() is False"
-
-
-def select_device(flag: str, world: int, local_rank: int) -> torch.device:
-    """The device --device names; auto: CUDA, then MPS, then the CPU. Under torchrun each
-    process takes cuda:LOCAL_RANK."""
-    if flag == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank if world > 1 else 0)
-        mps = torch.backends.mps.is_available()
-        return torch.device("mps" if mps and world == 1 else "cpu")
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise UserError(f"--device {flag}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {flag}: no usable CUDA device ({cuda_unusable_reason()})")
-        if world > 1 and device.index is not None:
-            raise UserError(f"--device {flag}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda")
-        index = local_rank if world > 1 else device.index or 0
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA devices")
-        return torch.device("cuda", index)
-    if device.type == "mps" and (world > 1 or not torch.backends.mps.is_available()):
-        why = "torchrun needs cuda or cpu" if world > 1 else "MPS is not available here"
-        raise UserError(f"--device {flag}: {why}")
-    if device.type not in ("cpu", "mps"):
-        raise UserError(f"--device {flag}: train.py runs on cpu, cuda or mps")
-    return device
-
-
 def setup_distributed(flag: str) -> Placement:
     """One process per GPU under torchrun (NCCL), or per CPU process (gloo)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = select_device(flag, world, int(os.environ.get("LOCAL_RANK", "0")))
-    if flag == "auto" and device.type == "cpu" and rank == 0 and cuda_unusable_reason():
+    device = engine.select_device(flag, world, int(os.environ.get("LOCAL_RANK", "0")))
+    if flag == "auto" and device.type == "cpu" and rank == 0 and engine.cuda_unusable_reason():
         print(f"warning: this torch is built for CUDA {torch.version.cuda} but can use no GPU "
-              f"({cuda_unusable_reason()}); training on the CPU", file=sys.stderr)  # fmt: skip
+              f"({engine.cuda_unusable_reason()}); training on the CPU", file=sys.stderr)  # fmt: skip
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:

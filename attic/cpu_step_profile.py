@@ -29,8 +29,8 @@ from torch.profiler import profile
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import bench
 import engine
+import measuring
 
 GROUPS = {  # operator name fragment -> group, first match wins
     "convolution": "convolutions",
@@ -44,21 +44,21 @@ GROUPS = {  # operator name fragment -> group, first match wins
 }
 # name: (bench mode, keep_freed_memory as train.py does)
 BF16 = {
-    "bf16 plain": (bench.Mode("plain", True, "bf16"), True),
+    "bf16 plain": (measuring.Mode("plain", True, "bf16"), True),
     "bf16 memory_efficient": (
-        bench.Mode("me", True, "bf16", memory_efficient=True),
+        measuring.Mode("me", True, "bf16", memory_efficient=True),
         True,
     ),
-    "fp32 memory_efficient": (bench.Mode("me32", memory_efficient=True), True),
+    "fp32 memory_efficient": (measuring.Mode("me32", memory_efficient=True), True),
     "fp32 memory_efficient, freed memory unmapped": (
-        bench.Mode("me32", memory_efficient=True),
+        measuring.Mode("me32", memory_efficient=True),
         False,
     ),
 }
 VARIANTS = ("plain BN", "shared", "no norm1", "memory_efficient")  # of the shared-stats study
 SHARED_STATS = {
     f"{amp} {layout} {bn}": (
-        bench.Mode(f"{amp} {layout} {bn}", layout == "channels_last", "off" if amp == "fp32" else amp,
+        measuring.Mode(f"{amp} {layout} {bn}", layout == "channels_last", "off" if amp == "fp32" else amp,
                    memory_efficient=bn == "memory_efficient",
                    shared_stats=bn in ("shared", "memory_efficient")),
         True,
@@ -77,7 +77,7 @@ def steps(case: str, n: int, profiled: bool) -> tuple[list[float], dict]:
     if keep:
         engine.keep_freed_memory()
     cpu = torch.device("cpu")
-    model, opt, scaler, x, y = bench.prepare("densenet-bc-100-12", 64, mode, cpu)
+    model, opt, scaler, x, y = measuring.prepare("densenet-bc-100-12", 64, mode, cpu)
     if case.endswith("no norm1"):  # the bound: the plain path with norm1 and ReLU gone
         for name, m in model.named_modules():
             if name.rsplit(".", 1)[-1].startswith("denselayer"):

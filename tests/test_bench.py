@@ -17,6 +17,7 @@ from torch import nn
 import bench
 import engine
 import gpucheck
+import measuring
 import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,10 +83,10 @@ def test_peers_beside_ours_and_no_resource_module(tmp_path: Path):
             "64", "--batch", "2", "--modes", "naive", "memory_efficient", "--out", out]  # fmt: skip
     done = run_bench(args, env={"PYTHONPATH": str(site)})
     assert done.returncode == 0, done.stderr
-    assert f"note: {bench.NO_CPU_MEMORY}" in done.stderr.splitlines()
+    assert f"note: {measuring.NO_CPU_MEMORY}" in done.stderr.splitlines()
     result = json.loads(out.read_text())
     rows = {(r["model"], r["mode"]): r for r in result["records"]}
-    peers = bench.peers("densenet121")
+    peers = measuring.peers("densenet121")
     assert set(rows) == {(m, mode) for m in ["densenet121", *peers]
                          for mode in ("naive", "memory_efficient")}  # fmt: skip
     assert all(r["img_per_s"] > 0 and r["peak_mem_bytes"] is None for r in rows.values())
@@ -95,7 +96,7 @@ def test_peers_beside_ours_and_no_resource_module(tmp_path: Path):
         ours, theirs = rows["densenet121", mode], rows[peer, mode]
         assert r["speed_ratio"] == ours["img_per_s"] / theirs["img_per_s"]
         assert r["mem_ratio"] is None
-    assert result["machine"]["memory_measure"] == bench.NO_CPU_MEMORY
+    assert result["machine"]["memory_measure"] == measuring.NO_CPU_MEMORY
     assert "| densenet121 | torchvision-densenet121 | naive | NCHW, fp32, eager |" in done.stdout
 
 
@@ -114,10 +115,10 @@ def test_output_that_cannot_be_written_fails_before_measuring(tmp_path, capsys, 
     assert [p.name for p in tmp_path.iterdir()] == ["afile"] and blocker.read_text() == "x"
 
 
-def two_steps(mode: bench.Mode) -> tuple[list[float], dict[str, torch.Tensor]]:
+def two_steps(mode: measuring.Mode) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of two train.py steps on the tiny model from the seeded start, and how far each
     floating-point parameter and buffer moved."""
-    net, opt, scaler, x, y = bench.prepare("tiny", 16, mode, CPU)
+    net, opt, scaler, x, y = measuring.prepare("tiny", 16, mode, CPU)
     assert opt.defaults["nesterov"] and opt.param_groups[0]["weight_decay"] == 1e-4  # recipe
     start = {k: v.clone() for k, v in net.state_dict().items() if v.is_floating_point()}
     losses = []
@@ -127,11 +128,11 @@ def two_steps(mode: bench.Mode) -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, {k: net.state_dict()[k] - v for k, v in start.items()}
 
 
-REFERENCE = bench.Mode("naive")
-CHANNELS_LAST = bench.Mode("+channels_last", channels_last=True)
-BF16 = bench.Mode("+amp", channels_last=True, amp="bf16")
-EFFICIENT = bench.Mode("memory_efficient", channels_last=True, memory_efficient=True)
-EFFICIENT_BF16 = bench.Mode("memory_efficient", True, "bf16", memory_efficient=True)
+REFERENCE = measuring.Mode("naive")
+CHANNELS_LAST = measuring.Mode("+channels_last", channels_last=True)
+BF16 = measuring.Mode("+amp", channels_last=True, amp="bf16")
+EFFICIENT = measuring.Mode("memory_efficient", channels_last=True, memory_efficient=True)
+EFFICIENT_BF16 = measuring.Mode("memory_efficient", True, "bf16", memory_efficient=True)
 
 
 # Tolerances: loss (relative) and, for fp32, each tensor's update (relative to its norm).
@@ -165,14 +166,14 @@ def test_conv_flops_match_the_formula():
     n, cin, cout, h, w, k = 2, 5, 7, 6, 9, 3
     conv = nn.Conv2d(cin, cout, k, padding=1, bias=False)
     x = torch.randn(n, cin, h, w)
-    assert bench.count_flops(lambda: conv(x)) == 2 * k * k * cin * cout * h * w * n
+    assert measuring.count_flops(lambda: conv(x)) == 2 * k * k * cin * cout * h * w * n
 
 
 def test_training_step_is_about_three_forwards():
-    net, _, _, x, y = bench.prepare("tiny", 4, REFERENCE, CPU)
-    forward = bench.count_flops(lambda: net(x))
-    assert 2.5 * forward < bench.step_flops(net, x, y) < 3.5 * forward
-    assert bench.flops_per_img("tiny", 4) == bench.step_flops(net, x, y) / 4
+    net, _, _, x, y = measuring.prepare("tiny", 4, REFERENCE, CPU)
+    forward = measuring.count_flops(lambda: net(x))
+    assert 2.5 * forward < measuring.step_flops(net, x, y) < 3.5 * forward
+    assert measuring.flops_per_img("tiny", 4) == measuring.step_flops(net, x, y) / 4
 
 
 def test_gpu_rows_peaks_and_file_names():
@@ -180,34 +181,34 @@ def test_gpu_rows_peaks_and_file_names():
     assert names == ["naive", "+channels_last", "+amp", "+amp-fp16", "+compile",
                      "+compile-cudagraphs"]  # fmt: skip
     assert [m.name for m in bench.modes("cpu", cpu_compile=True)][-1] == "+compile"
-    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bf16", 1) == 989e12
-    assert bench.peak_flops("NVIDIA H100 PCIe", "off", 1) == 378e12
-    assert bench.peak_flops("NVIDIA A100-SXM4-80GB", "off", 1) == 156e12
-    assert bench.peak_flops("Some Future GPU", "bf16", 1) is None
-    assert bench.peak_flops("cpu", "bf16", 1) >= bench.peak_flops("cpu", "off", 1) > 0
-    assert bench.device_kind("NVIDIA H100 80GB HBM3") == "h100"
-    assert bench.device_kind("NVIDIA A100-SXM4-80GB") == "a100"
-    assert bench.device_kind("cpu") == "cpu"
+    assert measuring.peak_flops("NVIDIA H100 80GB HBM3", "bf16", 1) == 989e12
+    assert measuring.peak_flops("NVIDIA H100 PCIe", "off", 1) == 378e12
+    assert measuring.peak_flops("NVIDIA A100-SXM4-80GB", "off", 1) == 156e12
+    assert measuring.peak_flops("Some Future GPU", "bf16", 1) is None
+    assert measuring.peak_flops("cpu", "bf16", 1) >= measuring.peak_flops("cpu", "off", 1) > 0
+    assert measuring.device_kind("NVIDIA H100 80GB HBM3") == "h100"
+    assert measuring.device_kind("NVIDIA A100-SXM4-80GB") == "a100"
+    assert measuring.device_kind("cpu") == "cpu"
 
 
 def test_memory_efficient_takes_the_fastest_settings():
     rows = [
-        bench.Row(m, speed, 0.0, 1)
+        measuring.Row(m, speed, 0.0, 1)
         for m, speed in zip(bench.modes("cuda"), [1, 2, 3, 4, 6, 5], strict=True)
     ]
     chosen = bench.efficient_mode(rows)
-    assert chosen == bench.Mode("memory_efficient", True, "bf16", "default", True)
+    assert chosen == measuring.Mode("memory_efficient", True, "bf16", "default", True)
 
 
 # ------------------------------------------------------------------------ the GPU check
 
 
 def test_gpu_check_rows_cover_each_precision_and_compile_mode():
-    default = bench.Mode("default", True, "bf16", "default")
+    default = measuring.Mode("default", True, "bf16", "default")
     names = [m.name for m in gpucheck.check_modes(True, default)]
     assert names == ["naive", "default", "bf16-eager", "bf16-reduce-overhead", "fp16-eager",
                      "fp16-default", "fp16-reduce-overhead"]  # fmt: skip
-    cpu = gpucheck.check_modes(False, bench.Mode("default", True, "off"))
+    cpu = gpucheck.check_modes(False, measuring.Mode("default", True, "off"))
     assert [m.settings for m in cpu][:3] == [
         "NCHW, fp32, eager", "channels_last, fp32, eager", "channels_last, bf16, eager"
     ]  # fmt: skip
@@ -218,6 +219,50 @@ def test_gpu_check_bad_command_line_is_one_line(capsys, args):
     assert bench.main(["--gpu-check", "--device", "cpu", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"bench.py: error: {args[0]} ") and err.count("\n") == 1
+
+
+def test_bench_device_is_cpu_or_cuda(capsys):
+    assert bench.main(["--device", "mps", "--models", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err == "bench.py: error: --device mps: bench.py runs on cpu or cuda\n"
+
+
+@pytest.mark.parametrize("entry", [["bench.py", "--gpu-check"], ["gpucheck.py"]])
+def test_gpu_check_without_a_gpu_refuses_unless_given_the_cpu(tmp_path: Path, entry):
+    """No usable GPU (hidden, so on every host): one line naming torch's reason, exit status
+    2, nothing written (not the default results file either); --device cpu runs it (below)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    ask = "import engine; print(engine.cuda_unusable_reason() or 'built without CUDA')"
+    reason = subprocess.run([sys.executable, "-c", ask], cwd=ROOT, env=env, capture_output=True,
+                            text=True, check=True).stdout.strip()  # fmt: skip
+    default_file = ROOT / "results" / "gpu-check-cpu.json"
+    assert not default_file.exists()
+    cmd = [sys.executable, *entry, "--tiny", "--budget", "60", "--save", str(tmp_path / "work")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("bench.py: error: --gpu-check: no usable GPU here (")
+    assert reason in done.stderr and "--device cpu" in done.stderr
+    assert not default_file.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_gpu_check_plan_keeps_first_rows_then_the_training_run(tmp_path: Path, capsys):
+    """The budget is planned in gpucheck.PRIORITY order: the first rows of modes, memory and
+    peers always, then the training run, the overhead and the resume while they fit; what
+    does not fit is skipped at once, each with a line."""
+    synthetic.make_mnist(tmp_path, "fashion-mnist", n_train=64, n_test=16)
+    a = gpucheck.parse_args(["--device", "cpu", "--tiny", "--data-dir", str(tmp_path)])
+    check = gpucheck.Check(a, tmp_path / "check.json", {})
+    need = {part: check.first_need(part) for part in gpucheck.PARTS}
+    rows = need["modes"] + need["memory"] + need["peers"]
+    check.plan(list(gpucheck.PARTS), rows + need["train"])
+    assert list(check.need) == ["modes", "memory", "peers", "train"]
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" needs ~")[0] for line in err] == ["skipped: overhead", "skipped: resume"]
+    check.plan(list(gpucheck.PARTS), rows + need["train"] - 1)  # the run no longer fits
+    fits = rows + need["overhead"] <= rows + need["train"] - 1
+    assert list(check.need) == ["modes", "memory", "peers", *["overhead"] * fits]
+    check.plan(["train", "peers"], 1)  # nothing fits: the rows are still tried, one by one
+    assert list(check.need) == ["peers"] and check.skipped[-1] == "train"
 
 
 def gpu_check(tmp_path: Path, *args) -> subprocess.CompletedProcess:

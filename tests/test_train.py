@@ -13,6 +13,7 @@ import pytest
 import torch
 from torchvision import datasets
 
+import engine
 import recipes
 import synthetic
 import train
@@ -478,18 +479,18 @@ def test_the_run_records_its_fast_paths(tmp_path, capsys):
 
 
 def test_devices():
-    assert train.select_device("auto", 1, 0) == torch.device("cpu")  # no GPU, no MPS here
-    assert train.select_device("cpu", 2, 1) == torch.device("cpu")
+    assert engine.select_device("auto", 1, 0) == torch.device("cpu")  # no GPU, no MPS here
+    assert engine.select_device("cpu", 2, 1) == torch.device("cpu")
     for flag, message in [("foo", "expected auto, cpu"), ("cuda", "no usable CUDA"),
                           ("mps", "MPS is not available"), ("meta", "runs on cpu, cuda or mps")]:  # fmt: skip
         with pytest.raises(train.UserError, match=message):
-            train.select_device(flag, 1, 0)
+            engine.select_device(flag, 1, 0)
     with pytest.raises(train.UserError, match="torchrun needs cuda or cpu"):
-        train.select_device("mps", 2, 0)
+        engine.select_device("mps", 2, 0)
 
 
 def test_a_cuda_build_without_a_gpu_says_why():
-    reason = train.cuda_unusable_reason()
+    reason = engine.cuda_unusable_reason()
     assert (reason is None) == (torch.version.cuda is None or torch.cuda.is_available())
     if reason is not None:
         assert "\n" not in reason and reason
