@@ -23,7 +23,6 @@ import re
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import densenet
 import engine
+import files
 import train
 
 try:
@@ -548,32 +548,6 @@ def markdown(machine: dict, records: list[dict]) -> str:
 # ----------------------------------------------------------------------- command line
 
 
-def writable(path: Path | None, default_name: str, flag: str) -> Path | None:
-    """The file an output flag names (a folder gets default_name inside it), checked
-    before any measuring: a path that cannot be written is a one-line UsageError."""
-    if path is None:
-        return None
-    path = path / default_name if path.is_dir() else path
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
-            raise PermissionError(f"{path} is not a writable file")
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
-    return path
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder: a kill leaves old or new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def machine_info(device: torch.device, threads: int, argv: list[str]) -> dict:
     """Where and how the figures were measured, for the results file."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -641,19 +615,23 @@ def run(argv: list[str]) -> None:
     machine = machine_info(device, a.threads, argv)
     machine.update(rounds=a.rounds, warmup=a.warmup, steps=a.steps)
     name = f"bench-{device_kind(machine['device'])}"
-    out = writable(a.out or ROOT / "results" / f"{name}.json", f"{name}.json", "--out")
-    table_file = writable(a.markdown, f"{name}.md", "--markdown")
+    out = files.output(
+        a.out or ROOT / "results" / f"{name}.json", "--out", default_name=f"{name}.json"
+    ).path
+    table_file = (
+        a.markdown and files.output(a.markdown, "--markdown", default_name=f"{name}.md").path
+    )
     if machine["memory_note_cpu"]:
         print(f"note: {machine['memory_note_cpu']}", file=sys.stderr)
     records = []
     for model in a.models:  # written after each model: a stopped run keeps what it measured
         records += bench_model(model, a.batch or MODELS[model][2], a, machine["device"])
         result = {"machine": machine, "records": records, "peers": peer_ratios(records)}
-        write_text(out, json.dumps(result, indent=2) + "\n")
+        files.write_text(out, json.dumps(result, indent=2) + "\n")
     table = markdown(machine, records)
     print(table)
     if table_file:
-        write_text(table_file, table)
+        files.write_text(table_file, table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -664,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return gpucheck.main([x for x in argv if x != "--gpu-check"])
         run(argv)
-    except UsageError as e:
+    except (UsageError, files.OutputError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
     return 0

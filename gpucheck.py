@@ -32,6 +32,7 @@ import bench
 import data
 import datafiles
 import engine
+import files
 import recipes
 from bench import Mode
 
@@ -157,7 +158,7 @@ class Check:
                 payload["peers"] = bench.peer_ratios(payload["records"])
         self.results["parts"][part] = {**payload, "measured": self.machine["date"],
                                        "command": self.machine["command"]}  # fmt: skip
-        bench.write_text(self.out, json.dumps(self.results, indent=2) + "\n")
+        files.write_text(self.out, json.dumps(self.results, indent=2) + "\n")
         print(f"{part}: saved in {self.out}", file=sys.stderr)
 
 
@@ -462,7 +463,7 @@ def main(argv: list[str]) -> int:
     device = torch.device(a.device)
     machine = bench.machine_info(device, a.threads, ["--gpu-check", *argv])
     name = f"gpu-check-{bench.device_kind(machine['device'])}.json"
-    out = bench.writable(a.out or ROOT / "results" / name, name, "--out")
+    out = files.output(a.out or ROOT / "results" / name, "--out", default_name=name).path
     check = Check(a, out, machine)
     steps = {"modes": part_modes, "memory": part_memory, "peers": part_peers,
              "overhead": part_overhead}  # fmt: skip
