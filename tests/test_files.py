@@ -1,5 +1,5 @@
 """files.py: atomic writes, output paths made ready or refused before any work, the run lock;
-and every script's output flags through them (plot.py --out)."""
+and every script's output flags through them (train.py --export and --save, plot.py --out)."""
 
 import json
 import os
@@ -7,9 +7,12 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
+from test_train import run
 
 import files
 import plot
+import synthetic
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -90,6 +93,31 @@ def test_run_lock_is_exclusive_names_its_holder_and_restores_what_it_found(tmp_p
 
 
 # ----------------------------------------------------------------------------- the scripts
+
+
+def test_export_makes_its_folders_or_refuses_before_any_work(tmp_path, capsys):
+    synthetic.make_mnist(tmp_path / "data", "mnist", n_train=64, n_test=32)
+    common = ["--dataset", "mnist", "--data-dir", tmp_path / "data", "--depth", 10, "--batch-size", 32,
+              "--epochs", 1, "--no-plot", "--device", "cpu"]  # fmt: skip
+    dirac, dense = tmp_path / "runs" / "dirac", tmp_path / "runs" / "dense"  # missing parents
+    assert run([*common, "--model", "diracnet", "--width", 0.25, "--save", dirac], capsys)[0] == 0
+    assert run([*common, "--growth", 4, "--save", dense], capsys)[0] == 0
+    evaluate = ["--data-dir", tmp_path / "data", "--device", "cpu", "--evaluate"]
+    target = tmp_path / "new" / "folder" / "folded.pt"
+    code, out, _ = run([*evaluate, dirac / "latest.pt", "--export", target], capsys)
+    assert code == 0 and f"wrote the folded network to {target}" in out
+    assert "state_dict" in torch.load(target, weights_only=True)
+    (tmp_path / "a-file").write_text("mine")
+    for checkpoint, export, message in [
+        (dirac / "latest.pt", tmp_path / "a-file" / "folded.pt", "is a file, not a folder"),
+        (dense / "latest.pt", tmp_path / "other" / "folded.pt", "this network is a DenseNet"),
+    ]:
+        code, out, err = run([*evaluate, checkpoint, "--export", export], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1 and out == ""  # no evaluation
+    assert not (tmp_path / "other").exists() and (tmp_path / "a-file").read_text() == "mine"
+    code, out, err = run([*common, "--save", tmp_path / "r", "--export", target], capsys)
+    assert code == 2 and err == "error: --export goes with --evaluate\n"
+    assert not (tmp_path / "r").exists()
 
 
 def test_plot_makes_its_out_folders(tmp_path):
