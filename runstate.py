@@ -5,6 +5,7 @@ or new, never half-written."""
 
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,11 +218,17 @@ class RunState:
 
     def load_state_dict(self, ckpt: dict) -> None:
         """Continue from a checkpoint; with another world size, rank 0 takes the metric
-        totals and every rank the first rank's random streams."""
+        totals and every rank the first rank's random streams. The optimizer keeps the
+        hyperparameters and the scheduler the schedule it was built with (this run's
+        settings), replayed to the checkpoint's epoch; the checkpoint gives their state."""
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        self._load_optimizer(ckpt["optimizer"]["state"], ckpt["optimizer"]["param_groups"])
+        with warnings.catch_warnings():  # stepped without optimizer steps, on purpose
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            for _ in range(ckpt["epoch"]):
+                self.scheduler.step()  # the lr exactly as a run never stopped computes it
+        if ckpt["scaler"]:  # empty from a run without fp16: this one starts its scaler afresh
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.best, self.seconds = ckpt["best"], ckpt["seconds"]
         self.log = list(ckpt.get("log", []))  # older checkpoints keep none
@@ -235,6 +242,15 @@ class RunState:
             self.sums = sum(r["sums"] for r in ranks).to(device) * (self.rank == 0)
         self.data_rng = ckpt["data_rng"]
         self.data_generator.set_state(self.data_rng)
+
+    def _load_optimizer(self, state: dict, saved_groups: list[dict]) -> None:
+        """The checkpoint's per-parameter state (momentum buffers) under this optimizer's
+        own param groups and hyperparameters."""
+        groups = self.optimizer.state_dict()["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups]:
+            raise CheckpointError("the checkpoint's optimizer does not fit this model's parameters")
+        # saved_groups number the parameters in the same order as this optimizer's groups
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     def save(self, paths: list[Path], args: dict) -> None:
         """Write the checkpoint to each path (rank 0 writes; every rank must call this)."""

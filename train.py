@@ -35,7 +35,7 @@ import files
 import plot
 import recipes
 import runstate
-from recipes import DIRAC_ARCHS, IDENTITY, UserError
+from recipes import DIRAC_ARCHS, IDENTITY, INVOCATION, UserError
 
 # The failures a user can cause: one line each, never a traceback.
 USER_ERRORS = (UserError, data.DataError, runstate.CheckpointError, files.OutputError)
@@ -261,6 +261,41 @@ def start_or_resume(given: dict, save: Path) -> dict | None:
     return ckpt
 
 
+def resumed_changes(given: dict, a, ckpt: dict) -> list[dict]:
+    """The flags typed with --resume that change the run, each from the checkpoint's epoch
+    and step on; refuses, in one line, those a resumed run cannot honour."""
+    old, epoch, step = ckpt["args"], ckpt["epoch"], ckpt["step"]
+    typed = [k for k in given if k not in INVOCATION and vars(a)[k] != old.get(k)]
+    for k in typed:
+        why = recipes.FIXED_ON_RESUME.get(k)
+        if why is None and k == "batch_size" and step:
+            why = f"the checkpoint is {step} batches into epoch {epoch + 1} (it can change at an epoch's start)"
+        if why:
+            raise UserError(f"--resume: --{k.replace('_', '-')} {given[k]} (checkpoint: {old.get(k)}) cannot change: {why}")
+    at_least = epoch + (step > 0)
+    if a.epochs < at_least:
+        done = f"{epoch} epochs" + " and part of the next" * (step > 0)
+        raise UserError(f"--resume: --epochs {a.epochs}: the checkpoint has done {done}; give at least {at_least}")
+    return [{"epoch": epoch + 1, "step": step, "flag": k, "from": old.get(k), "to": vars(a)[k]} for k in typed]
+
+
+def change_line(change: dict) -> str:
+    """A change as the console says it, e.g. "--lr 0.1 -> 0.01 from epoch 7"."""
+    when = f"epoch {change['epoch']}" + (f", step {change['step'] + 1}" if change["step"] else "")
+    return f"--{change['flag'].replace('_', '-')} {change['from']} -> {change['to']} from {when}"
+
+
+def schedule_line(ckpt: dict, state: runstate.RunState, drops: list[int]) -> str | None:
+    """The lr in effect and the drops, where the settings differ from the checkpoint's."""
+    was, now = ckpt["optimizer"]["param_groups"][0]["lr"], state.optimizer.param_groups[0]["lr"]
+    old = ckpt["args"].get("lr_drops", drops)  # as that run ran them (args.json)
+    said = [f"lr {was:g} -> {now:g} from epoch {state.epoch + 1}"] * (now != was)
+    if old != drops:
+        epochs = lambda ds: ", ".join(str(d + 1) for d in ds) or "none"
+        said.append(f"the lr drops at the start of epochs {epochs(drops)} (were {epochs(old)})")
+    return "; ".join(said) or None
+
+
 class Reporter:
     """Rank 0's outputs: the console, args.json, log.csv, TensorBoard and the figures."""
 
@@ -376,11 +411,14 @@ def fit(a, state: runstate.RunState, model: nn.Module, train: data.BatchSource, 
 
 def configure(given: dict, place: Placement) -> tuple:
     """(settings, notes, checkpoint or None): the flags, the recipe, the device and a
-    resumed run's settings, resolved once."""
+    resumed run's settings, resolved once; a.changes lists the flags changed on each
+    --resume, with the epoch they took effect."""
     save = recipes.run_folder(given)
     ckpt = on_rank0(place, lambda: start_or_resume(given, save))
     a, notes = recipes.resolve(given, recipes.probe(place.device), ckpt and ckpt["args"])
-    return a, notes, ckpt
+    changes = resumed_changes(given, a, ckpt) if ckpt else []
+    a.changes = [*(ckpt["args"].get("changes", []) if ckpt else []), *changes]
+    return a, notes + [change_line(c) for c in changes], ckpt
 
 
 def claim(save: Path, place: Placement) -> files.RunLock | None:
@@ -413,9 +451,10 @@ def build(a, place: Placement, ckpt: dict | None, notes: list[str]) -> tuple:
     net, opt, sched = built or model_and_optimizer(a, info, place.device)
     scaler = torch.amp.GradScaler(place.device.type, enabled=a.amp == "fp16")
     state = runstate.RunState(net, opt, sched, scaler, train_batches.generator, place.rank, place.world)
+    a.lr_drops = sorted(sched.milestones.elements())  # as it runs
     if ckpt is not None:
         state.load_state_dict(ckpt)
-    a.lr_drops = sorted(sched.milestones.elements())  # as it runs (a checkpoint's own)
+        notes += filter(None, [schedule_line(ckpt, state, a.lr_drops)])
     steps_left = len(train_batches) * (a.epochs - state.epoch) - state.step
     if a.compile and not recipes.compile_pays(a, place.device.type, steps_left):
         a.compile = False
