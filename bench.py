@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import files
 import gpucheck
 import measuring
 from measuring import MODELS, PEER_OF, Mode, Row, mib, num, ratio
@@ -255,19 +256,23 @@ def run(argv: list[str]) -> int:
     machine = measuring.machine_info(device, a.threads, argv)
     machine.update(rounds=a.rounds, warmup=a.warmup, steps=a.steps)
     name = f"bench-{measuring.device_kind(machine['device'])}"
-    out = measuring.writable(a.out or ROOT / "results" / f"{name}.json", f"{name}.json", "--out")
-    table_file = measuring.writable(a.markdown, f"{name}.md", "--markdown")
+    out = files.output(
+        a.out or ROOT / "results" / f"{name}.json", "--out", default_name=f"{name}.json"
+    ).path
+    table_file = (
+        a.markdown and files.output(a.markdown, "--markdown", default_name=f"{name}.md").path
+    )
     if machine["memory_note_cpu"]:
         print(f"note: {machine['memory_note_cpu']}", file=sys.stderr)
     records = []
     for model in a.models:  # written after each model: a stopped run keeps what it measured
         records += bench_model(model, a.batch or MODELS[model][2], a, machine["device"])
         result = {"machine": machine, "records": records, "peers": measuring.peer_ratios(records)}
-        measuring.write_text(out, json.dumps(result, indent=2) + "\n")
+        files.write_text(out, json.dumps(result, indent=2) + "\n")
     table = markdown(machine, records)
     print(table)
     if table_file:
-        measuring.write_text(table_file, table)
+        files.write_text(table_file, table)
     return 0
 
 

@@ -35,6 +35,7 @@ import torch
 import data
 import datafiles
 import engine
+import files
 import measuring
 import recipes
 from measuring import Mode
@@ -222,7 +223,7 @@ class Check:
                 payload["peers"] = measuring.peer_ratios(payload["records"])
         self.results["parts"][part] = {**payload, "measured": self.machine["date"],
                                        "command": self.machine["command"]}  # fmt: skip
-        measuring.write_text(self.out, json.dumps(self.results, indent=2) + "\n")
+        files.write_text(self.out, json.dumps(self.results, indent=2) + "\n")
         print(f"{part}: saved in {self.out}", file=sys.stderr)
 
 
@@ -565,7 +566,7 @@ def main(argv: list[str]) -> int:
     device = torch.device(a.device)
     machine = measuring.machine_info(device, a.threads, ["--gpu-check", *argv])
     name = f"gpu-check-{measuring.device_kind(machine['device'])}.json"
-    out = measuring.writable(a.out or ROOT / "results" / name, name, "--out")
+    out = files.output(a.out or ROOT / "results" / name, "--out", default_name=name).path
     check = Check(a, out, machine)
     check.plan(a.parts, a.budget)
     steps = {"modes": part_modes, "memory": part_memory, "peers": part_peers,

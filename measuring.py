@@ -13,7 +13,6 @@ import re
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import densenet
 import engine
+import files
 import recipes
 import sharedstats
 import train
@@ -361,32 +361,6 @@ def select_device(flag: str) -> torch.device:
     return engine.select_device(flag, program="bench.py", runs_on=("cuda", "cpu"))
 
 
-def writable(path: Path | None, default_name: str, flag: str) -> Path | None:
-    """The file an output flag names (a folder gets default_name inside it), checked
-    before any measuring: a path that cannot be written is a one-line UserError."""
-    if path is None:
-        return None
-    path = path / default_name if path.is_dir() else path
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
-            raise PermissionError(f"{path} is not a writable file")
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
-    return path
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder: a kill leaves old or new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def machine_info(device: torch.device, threads: int, argv: list[str]) -> dict:
     """Where and how the figures were measured, for the results file."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -408,6 +382,6 @@ def command(run: Callable[[list[str]], int], argv: list[str]) -> int:
     """run(argv), with a user's error (a bad flag or path) as one line and exit status 2."""
     try:
         return run(argv)
-    except UserError as e:
+    except (UserError, files.OutputError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -27,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+import files
 import seeds
 
 # Error axes switch to log scale when the largest plotted error exceeds this many
@@ -176,34 +175,21 @@ def add_legend(
 
 
 def save_atomic(fig: Figure, path: Path) -> None:
-    """Save fig to path via a temp file in the same folder, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=path.suffix[1:], dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; plots are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Save fig in path's format, atomically (files.atomic_write): readers never see half a file."""
+    files.atomic_write(
+        path, lambda f: fig.savefig(f, format=path.suffix[1:], dpi=120, bbox_inches="tight")
+    )
 
 
 def save_table(table: pd.DataFrame, path: Path) -> Path:
-    """Write the --table CSV via a temp file in the same folder, as save_atomic does."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            table.to_csv(f, index=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write the --table CSV atomically (files.atomic_write)."""
+    files.atomic_write(path, lambda f: table.to_csv(f, index=False), mode="w")
     return path
 
 
 def plot_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, pdf: bool = False) -> list[Path]:
-    """Write loss and error plots for the runs with data into out_dir; return written paths.
+    """Write loss and error plots for the runs with data into out_dir (a folder that
+    exists); return the written paths.
 
     Runs without data are skipped with a warning; returns [] when none has data.
     """
@@ -211,7 +197,6 @@ def plot_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, pdf: bool = F
     if not runs:
         return []
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fig in zip(("loss", "error"), figures(runs), strict=True):
         for ext in ("png", "pdf") if pdf else ("png",):
@@ -331,16 +316,21 @@ def main(argv: list[str] | None = None) -> int:
         table = seeds.table(seeds.load_runs(args.runs)) if args.table else None
     except seeds.RunError as e:
         return error(f"--table: {e}")
-    out = args.out or (args.runs[0] if len(args.runs) == 1 else Path.cwd())
-    if out.exists() and not out.is_dir():
-        return error(f"--out {out} is a file, not a folder")
     try:
-        written = plot_runs(args.runs, out, pdf=args.pdf)
+        out = files.output(
+            args.out or (args.runs[0] if len(args.runs) == 1 else Path.cwd()), "--out", folder=True
+        )
+    except files.OutputError as e:
+        return error(str(e))
+    try:
+        written = plot_runs(args.runs, out.path, pdf=args.pdf)
         if table is not None and written:
-            written.append(save_table(table, out / "table.csv"))
-    except OSError as e:  # e.g. an unwritable --out folder
-        return error(f"cannot write the figures in {out} ({e.strerror or e})")
+            written.append(save_table(table, out.path / "table.csv"))
+    except OSError as e:  # e.g. the disk full
+        out.undo()
+        return error(f"cannot write the figures in {out.path} ({e.strerror or e})")
     if not written:
+        out.undo()
         return error("no run has any logged epochs to plot")
     if table is not None:  # stdout is the table alone
         print(seeds.markdown(table))

@@ -30,6 +30,16 @@ IDENTITY = (
     "dataset", "model", "dirac_version", "arch", "depth", "growth", "bottleneck",
     "compression", "width",
 )  # fmt: skip
+# Flags a resumed run cannot change, and why: they chose the images it trains on (and the
+# normalisation computed from them) and the held-out ones. Any other flag given with --resume
+# takes effect from the checkpoint's step on (train.resumed_changes).
+FIXED_ON_RESUME = {
+    "seed": "it chose the held-out images and the first random draws; a resumed run continues "
+            "the checkpoint's random streams",
+    "val_split": "the held-out images would change, and with them the training images and "
+                 "their normalisation",
+    "train_subset": "the training images would change, and with them their normalisation",
+}  # fmt: skip
 # Flags that describe this invocation, not the run: never taken from a checkpoint.
 INVOCATION = ("resume", "device", "evaluate", "pretrained", "export", "save")
 

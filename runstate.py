@@ -1,25 +1,26 @@
 """What a run keeps: RunState (everything a checkpoint holds, with state_dict() and
-load_state_dict()), the checkpoint file format, every random stream, atomic writes and
-the CSV log. A kill at any instant leaves each file old or new, never half-written."""
+load_state_dict()), the checkpoint file format, every random stream and the CSV log.
+Files are replaced atomically (files.atomic_write): a kill at any instant leaves each old
+or new, never half-written."""
 
 import math
-import os
 import pickle
 import random
 import re
-import tempfile
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import files
+
 # Version 2 added "format" and the MPS random state; version 1 (no "format" key, written
-# before 2026-12) holds the same fields otherwise, so both are read.
+# before 2026-12) holds the same fields otherwise, so both are read. The log's rows ("log")
+# came later in version 2 (2026-12); a checkpoint without them resumes too.
 FORMAT = 2
 READS = (1, 2)
 
@@ -57,23 +58,9 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write(path: Path, write: Callable[[IO], object], mode: str = "wb") -> None:
-    """Temp file in the same folder, write(f), fsync, rename: the old file or the new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def atomic_save(obj: object, path: Path) -> None:
-    """torch.save, atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save, atomically (files.atomic_write)."""
+    files.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # What torch.load(weights_only=True) names when a file asks to import or call a global.
@@ -129,21 +116,86 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def trim_log(path: Path, epochs_done: int) -> None:
-    """Drop log rows past the checkpoint (a kill between the log write and the save)."""
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= epochs_done]
-        if keep != lines:
-            atomic_write(path, lambda f: f.writelines(keep), mode="w")
+def log_line(row: dict) -> str:
+    """A log.csv line of one epoch's row."""
+    return ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()) + "\n"
 
 
 def append_row(path: Path, row: dict) -> None:
     """One whole line per write, flushed: pandas can read the log at any moment."""
-    header = "" if path.exists() else ",".join(row) + "\n"
-    values = ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values())
+    header = "" if path.exists() and path.stat().st_size else ",".join(row) + "\n"
     with path.open("a") as f:
-        f.write(header + values + "\n")
+        f.write(header + log_line(row))
+
+
+def _parse_row(line: str, header: list[str]) -> dict | None:
+    """A log line's row, or None unless it has the header's fields, all numbers."""
+    fields = line.rstrip("\n").split(",")
+    try:
+        row = {k: float(v) for k, v in zip(header, fields, strict=True)}
+        row["epoch"] = int(fields[0])
+    except ValueError:
+        return None
+    return row
+
+
+def read_log(data: bytes) -> tuple[dict[int, dict], list[str]]:
+    """The rows of log.csv's bytes that parse, by epoch, and what each other line is: a cut
+    last line, bytes that are not UTF-8, a line that does not parse, a repeated epoch."""
+    *lines, tail = data.split(b"\n")
+    dropped = ["a cut last line"] * bool(tail)
+    try:
+        header = lines[0].decode().split(",") if lines else []
+    except UnicodeDecodeError:
+        header = []
+    if header[:1] != ["epoch"]:
+        return {}, dropped + [f"{len(lines)} lines under an unreadable header"] * bool(lines)
+    rows: dict[int, dict] = {}
+    for raw in lines[1:]:
+        try:
+            row = _parse_row(raw.decode(), header)
+        except UnicodeDecodeError:
+            dropped.append("a line that is not UTF-8")
+            continue
+        if row is None or row["epoch"] < 1:
+            dropped.append(f"an unreadable line ({raw.decode()[:40]!r})")
+        elif row["epoch"] in rows:
+            dropped.append(f"a second row of epoch {row['epoch']}")
+        else:
+            rows[row["epoch"]] = row
+    return rows, dropped
+
+
+def repair_log(path: Path, epochs_done: int, kept: list[dict]) -> tuple[list[dict], str | None]:
+    """Rewrite log.csv, atomically, to one row for each of epochs 1..epochs_done and nothing
+    else: the checkpoint's rows (`kept`, when it holds them all; older checkpoints keep
+    none), else the file's rows that parse. Returns the rows the log now holds, and a line
+    saying what was dropped or restored (None when the file was right)."""
+    old = path.read_bytes() if path.exists() else b""
+    found, dropped = read_log(old)
+    past = [e for e in found if e > epochs_done]
+    if past:
+        dropped.append(f"the rows of epochs {_listed(past)} (past the checkpoint)")
+    whole = list(range(1, epochs_done + 1))
+    if [row.get("epoch") if isinstance(row, dict) else None for row in kept] != whole:
+        kept = [found[e] for e in whole if e in found]
+    lines = [log_line(row) for row in kept]
+    new = "".join([",".join(kept[0]) + "\n", *lines]).encode() if kept else b""
+    if new == old:
+        return kept, None
+    files.atomic_write(path, lambda f: f.write(new))
+    restored = [row["epoch"] for row, line in zip(kept, lines, strict=True)
+                if row["epoch"] not in found or log_line(found[row["epoch"]]) != line]  # fmt: skip
+    missing = sorted(set(whole) - {row["epoch"] for row in kept})
+    said = [f"dropped {', '.join(dropped)}"] * bool(dropped)
+    said += [f"restored epochs {_listed(restored)} from the checkpoint"] * bool(restored)
+    said += [f"epochs {_listed(missing)} have no row (the checkpoint keeps none)"] * bool(missing)
+    what = "; ".join(said) or "its header rewritten"
+    return kept, f"{path} repaired to the checkpoint's {epochs_done} epochs: {what}"
+
+
+def _listed(epochs: list[int]) -> str:
+    return ", ".join(map(str, epochs))
 
 
 # ----------------------------------------------------------------------------- state
@@ -170,6 +222,7 @@ class RunState:
     seconds: float = 0.0  # training time of the current epoch
     sums: torch.Tensor = field(default=None)  # this epoch's metric sums (engine.metrics)
     data_rng: torch.Tensor = field(default=None)  # data_generator's state at epoch start
+    log: list[dict] = field(default_factory=list)  # log.csv's rows of the epochs done
 
     def __post_init__(self) -> None:
         self.sums = self.zero_sums()
@@ -178,8 +231,9 @@ class RunState:
     def zero_sums(self) -> torch.Tensor:
         return torch.zeros(4, device=next(self.model.parameters()).device)
 
-    def next_epoch(self) -> None:
-        """The current epoch is done: counters and sums start again."""
+    def next_epoch(self, row: dict) -> None:
+        """The current epoch is done with this log row: counters and sums start again."""
+        self.log.append(row)
         self.epoch, self.step, self.seconds = self.epoch + 1, 0, 0.0
         self.sums = self.zero_sums()
         self.data_rng = self.data_generator.get_state()
@@ -194,17 +248,25 @@ class RunState:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
             "best": self.best, "seconds": self.seconds, "ranks": ranks, "data_rng": self.data_rng,
+            "log": self.log,
         }  # fmt: skip
 
     def load_state_dict(self, ckpt: dict) -> None:
         """Continue from a checkpoint; with another world size, rank 0 takes the metric
-        totals and every rank the first rank's random streams."""
+        totals and every rank the first rank's random streams. The optimizer keeps the
+        hyperparameters and the scheduler the schedule it was built with (this run's
+        settings), replayed to the checkpoint's epoch; the checkpoint gives their state."""
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        self._load_optimizer(ckpt["optimizer"]["state"], ckpt["optimizer"]["param_groups"])
+        with warnings.catch_warnings():  # stepped without optimizer steps, on purpose
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            for _ in range(ckpt["epoch"]):
+                self.scheduler.step()  # the lr exactly as a run never stopped computes it
+        if ckpt["scaler"]:  # empty from a run without fp16: this one starts its scaler afresh
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.best, self.seconds = ckpt["best"], ckpt["seconds"]
+        self.log = list(ckpt.get("log", []))  # older checkpoints keep none
         ranks = ckpt["ranks"]
         same_world = len(ranks) == self.world
         set_rng_state(ranks[self.rank if same_world else 0]["rng"])
@@ -215,6 +277,15 @@ class RunState:
             self.sums = sum(r["sums"] for r in ranks).to(device) * (self.rank == 0)
         self.data_rng = ckpt["data_rng"]
         self.data_generator.set_state(self.data_rng)
+
+    def _load_optimizer(self, state: dict, saved_groups: list[dict]) -> None:
+        """The checkpoint's per-parameter state (momentum buffers) under this optimizer's
+        own param groups and hyperparameters."""
+        groups = self.optimizer.state_dict()["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups]:
+            raise CheckpointError("the checkpoint's optimizer does not fit this model's parameters")
+        # saved_groups number the parameters in the same order as this optimizer's groups
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     def save(self, paths: list[Path], args: dict) -> None:
         """Write the checkpoint to each path (rank 0 writes; every rank must call this)."""

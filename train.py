@@ -30,12 +30,16 @@ import data
 import densenet
 import diracnet
 import engine
+import files
 import paper
 import plot
 import recipes
 import runstate
 import sharedstats
-from recipes import DIRAC_ARCHS, IDENTITY, UserError
+from recipes import DIRAC_ARCHS, IDENTITY, INVOCATION, UserError
+
+# The failures a user can cause: one line each, never a traceback.
+USER_ERRORS = (UserError, data.DataError, runstate.CheckpointError, files.OutputError)
 
 # ----------------------------------------------------------------------------- devices
 
@@ -65,17 +69,17 @@ def setup_distributed(flag: str) -> Placement:
 
 
 def on_rank0(place: Placement, decide: Callable[[], object]) -> object:
-    """decide() on rank 0, its result (or its UserError) sent to every rank, so no rank hangs."""
+    """decide() on rank 0, its result (or its user error) sent to every rank, so no rank hangs."""
     if place.world == 1:
         return decide()
     box = [None]
     if place.rank == 0:
         try:
             box = [decide()]
-        except UserError as e:
-            box = [UserError(str(e))]
+        except USER_ERRORS as e:
+            box = [type(e)(str(e))]
     dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], UserError):
+    if isinstance(box[0], USER_ERRORS):
         raise box[0]
     return box[0]
 
@@ -215,46 +219,58 @@ def start_or_resume(given: dict, save: Path) -> dict | None:
     return ckpt
 
 
-def make_run_folder(save: Path) -> list[Path]:
-    """Create save (and missing parents) and check that files can be written there; the
-    folders created, so that a refusal before training can remove them again."""
-    missing = [p for p in (save, *save.parents) if not p.exists()][::-1]
-    blocker = next((p for p in (save, *save.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise UserError(f"--save {save}: {blocker} is a file, not a folder")
-    try:
-        save.mkdir(parents=True, exist_ok=True)
-        runstate.atomic_write(save / ".write-test", lambda f: f.write(b""))
-        (save / ".write-test").unlink()
-    except OSError as e:
-        remove_empty(missing)
-        raise UserError(f"--save {save}: cannot write there ({e.strerror or e})") from None
-    return missing
+def resumed_changes(given: dict, a, ckpt: dict) -> list[dict]:
+    """The flags typed with --resume that change the run, each from the checkpoint's epoch
+    and step on; refuses, in one line, those a resumed run cannot honour."""
+    old, epoch, step = ckpt["args"], ckpt["epoch"], ckpt["step"]
+    typed = [k for k in given if k not in INVOCATION and vars(a)[k] != old.get(k)]
+    for k in typed:
+        why = recipes.FIXED_ON_RESUME.get(k)
+        if why is None and k == "batch_size" and step:
+            why = f"the checkpoint is {step} batches into epoch {epoch + 1} (it can change at an epoch's start)"
+        if why:
+            raise UserError(f"--resume: --{k.replace('_', '-')} {given[k]} (checkpoint: {old.get(k)}) cannot change: {why}")
+    at_least = epoch + (step > 0)
+    if a.epochs < at_least:
+        done = f"{epoch} epochs" + " and part of the next" * (step > 0)
+        raise UserError(f"--resume: --epochs {a.epochs}: the checkpoint has done {done}; give at least {at_least}")
+    return [{"epoch": epoch + 1, "step": step, "flag": k, "from": old.get(k), "to": vars(a)[k]} for k in typed]
 
 
-def remove_empty(folders: list[Path]) -> None:
-    """Remove the folders this run created, deepest first, if they are still empty."""
-    for folder in reversed(folders):
-        try:
-            folder.rmdir()
-        except OSError:
-            return
+def change_line(change: dict) -> str:
+    """A change as the console says it, e.g. "--lr 0.1 -> 0.01 from epoch 7"."""
+    when = f"epoch {change['epoch']}" + (f", step {change['step'] + 1}" if change["step"] else "")
+    return f"--{change['flag'].replace('_', '-')} {change['from']} -> {change['to']} from {when}"
+
+
+def schedule_line(ckpt: dict, state: runstate.RunState, drops: list[int]) -> str | None:
+    """The lr in effect and the drops, where the settings differ from the checkpoint's."""
+    was, now = ckpt["optimizer"]["param_groups"][0]["lr"], state.optimizer.param_groups[0]["lr"]
+    old = ckpt["args"].get("lr_drops", drops)  # as that run ran them (args.json)
+    said = [f"lr {was:g} -> {now:g} from epoch {state.epoch + 1}"] * (now != was)
+    if old != drops:
+        epochs = lambda ds: ", ".join(str(d + 1) for d in ds) or "none"
+        said.append(f"the lr drops at the start of epochs {epochs(drops)} (were {epochs(old)})")
+    return "; ".join(said) or None
 
 
 class Reporter:
     """Rank 0's outputs: the console, args.json, log.csv, TensorBoard and the figures."""
 
-    def __init__(self, save: Path, a, place: Placement, epochs_done: int) -> None:
+    def __init__(self, save: Path, a, place: Placement, state: runstate.RunState) -> None:
+        """Repair log.csv to the checkpoint's epochs (a warning line says what changed) and
+        write args.json."""
         self.save, self.on = save, place.rank == 0
         self.tty = self.on and sys.stderr.isatty()
         self.args = vars(a)
         self.writer = None
         if self.on:
-            runstate.trim_log(save / "log.csv", epochs_done)
+            state.log, repaired = runstate.repair_log(save / "log.csv", state.epoch, state.log)
+            if repaired:
+                print(f"warning: {repaired}", file=sys.stderr)
             meta = {"torch": torch.__version__, "device": str(place.device),
                     "world_size": place.world, "host": recipes.host(), **paper.record(self.args)}  # fmt: skip
-            text = json.dumps({**self.args, **meta}, indent=2) + "\n"
-            runstate.atomic_write(save / "args.json", lambda f: f.write(text), mode="w")
+            files.write_text(save / "args.json", json.dumps({**self.args, **meta}, indent=2) + "\n")
             self.writer = tensorboard(save) if a.tensorboard else None
         self.figures = plot.Background(save, enabled=a.plot and self.on)
 
@@ -347,7 +363,7 @@ def fit(a, state: runstate.RunState, model: nn.Module, train: data.BatchSource, 
         # Select on validation error only, never on test error.
         improved = "val_err" in row and row["val_err"] < state.best
         state.best = min(state.best, row.get("val_err", state.best))
-        state.next_epoch()
+        state.next_epoch(row)
         out.epoch(row)
         state.save([save / "latest.pt"] + [save / "best.pt"] * improved, out.args)
     out.figures.finish()
@@ -359,36 +375,50 @@ def fit(a, state: runstate.RunState, model: nn.Module, train: data.BatchSource, 
 
 def configure(given: dict, place: Placement) -> tuple:
     """(settings, notes, checkpoint or None): the flags, the recipe, the device and a
-    resumed run's settings, resolved once; the run folder is checked, not yet created."""
+    resumed run's settings, resolved once; a.changes lists the flags changed on each
+    --resume, with the epoch they took effect."""
     save = recipes.run_folder(given)
     ckpt = on_rank0(place, lambda: start_or_resume(given, save))
     a, notes = recipes.resolve(given, recipes.probe(place.device), ckpt and ckpt["args"])
-    return a, notes, ckpt
+    changes = resumed_changes(given, a, ckpt) if ckpt else []
+    a.changes = [*(ckpt["args"].get("changes", []) if ckpt else []), *changes]
+    return a, notes + [change_line(c) for c in changes], ckpt
+
+
+def claim(save: Path, place: Placement) -> files.RunLock | None:
+    """Rank 0 makes the run folder and locks it for this process, before anything in it is
+    read or written; a folder in use is refused in one line naming the process using it."""
+    lock = None
+
+    def take() -> None:
+        nonlocal lock
+        lock = files.RunLock(save, "--save")
+
+    on_rank0(place, take)
+    if lock and not lock.exclusive:
+        print("warning: no file locking here (fcntl): nothing stops a second process writing this run",
+              file=sys.stderr)  # fmt: skip
+    return lock
 
 
 def build(a, place: Placement, ckpt: dict | None, notes: list[str]) -> tuple:
     """(state, model, info, training batches, evaluation batches): the model is built and
-    checked before any data is read; the run folder exists once this returns. A CPU run
-    too short to pay back compiling is not compiled (a note says so)."""
+    checked before any data is read. A CPU run too short to pay back compiling is not
+    compiled (a note says so)."""
     torch.manual_seed(a.seed + place.rank)  # dropout differs per rank; data draws are shared
     random.seed(a.seed)
     np.random.seed(a.seed)
     small = data.DATASETS.get(a.dataset)  # ImageNet counts its classes in the data
     built = model_and_optimizer(a, small, place.device) if small else None
     data.check_folder(Path(a.data_dir))
-    created = on_rank0(place, lambda: make_run_folder(Path(a.save)))
-    try:
-        info, train_batches, evals = build_data(a, place)
-    except (UserError, data.DataError):
-        if place.rank == 0:
-            remove_empty(created)
-        raise
+    info, train_batches, evals = build_data(a, place)
     net, opt, sched = built or model_and_optimizer(a, info, place.device)
     scaler = torch.amp.GradScaler(place.device.type, enabled=a.amp == "fp16")
     state = runstate.RunState(net, opt, sched, scaler, train_batches.generator, place.rank, place.world)
+    a.lr_drops = sorted(sched.milestones.elements())  # as it runs
     if ckpt is not None:
         state.load_state_dict(ckpt)
-    a.lr_drops = sorted(sched.milestones.elements())  # as it runs (a checkpoint's own)
+        notes += filter(None, [schedule_line(ckpt, state, a.lr_drops)])
     steps_left = len(train_batches) * (a.epochs - state.epoch) - state.step
     if a.compile and not recipes.compile_pays(a, place.device.type, steps_left):
         a.compile = False
@@ -398,11 +428,27 @@ def build(a, place: Placement, ckpt: dict | None, notes: list[str]) -> tuple:
 
 
 def train(given: dict, place: Placement) -> int:
-    """configure → build → restore → fit → finish."""
+    """claim the run folder → configure → build → restore → fit → finish; a refusal before
+    the run starts leaves the folder as it was."""
+    for flag in ("export", "pretrained"):
+        if flag in given:
+            raise UserError(f"--{flag} goes with --evaluate")
+    lock = claim(recipes.run_folder(given), place)
+    try:
+        return run_in_folder(given, place, lock)
+    finally:
+        if lock:
+            lock.release()
+
+
+def run_in_folder(given: dict, place: Placement, lock: files.RunLock | None) -> int:
+    """The run in a claimed folder; from the first write on, the folder is this run's."""
     a, notes, ckpt = configure(given, place)
     with engine.process_settings(place.device, a.deterministic) as stop:
         state, model, info, train_batches, evals = build(a, place, ckpt, notes)
-        out = Reporter(Path(a.save), a, place, state.epoch)
+        if lock:
+            lock.keep()
+        out = Reporter(Path(a.save), a, place, state)
         for note in notes:
             out.say(f"note: {note}")
         params = sum(p.numel() for p in state.model.parameters())
@@ -419,49 +465,64 @@ def train(given: dict, place: Placement) -> int:
 
 def evaluate(given: dict, place: Placement) -> int:
     """--evaluate: loss and error of a checkpoint (or torchvision weights) on each held-out
-    split; --export also writes the folded DiracNet."""
+    split; --export also writes the folded DiracNet (its path made ready before any work)."""
     if not given["evaluate"] and "pretrained" not in given:
         raise UserError("--evaluate needs a CHECKPOINT, or --pretrained FILE")
-    old = None
+    ckpt = None
     if "pretrained" in given:
         if given.get("dataset") != "imagenet":
             raise UserError("--pretrained takes torchvision ImageNet weights: add --dataset imagenet")
-    else:
+        a, _ = recipes.resolve(given, recipes.probe(place.device))
+    else:  # a locked run may be read: its checkpoints are replaced atomically
         ckpt = runstate.load_checkpoint(given["evaluate"])
         # the run's model, and its data: the same held-out images, batches that fit
         kept = (*IDENTITY, "val_split", "seed", "train_subset", "batch_size")
         old = {k: v for k, v in ckpt["args"].items() if k in kept}
-    a, _ = recipes.resolve(given, recipes.probe(place.device), old)
+        a, _ = recipes.resolve(given, recipes.probe(place.device), old)
+    if "export" not in given:
+        return evaluate_net(a, place, ckpt)
+    if a.model != "diracnet":
+        raise UserError("--export folds a DiracNet; this network is a DenseNet")
+    target = on_rank0(place, lambda: files.output(given["export"], "--export"))
+    try:
+        return evaluate_net(a, place, ckpt, target.path)
+    except BaseException:
+        if place.rank == 0:
+            target.undo()
+        raise
+
+
+def evaluate_net(a, place: Placement, ckpt: dict | None, export_to: Path | None = None) -> int:
+    """Build the network, load the checkpoint (or --pretrained), print each split's row;
+    then write the folded DiracNet to export_to."""
     info, _, evals = build_data(a, place)
     net = build_model(a, info, place.device)
     try:
-        if old is None:
+        if ckpt is None:
             densenet.load_torchvision_state_dict(net, runstate.load_file(a.pretrained))
         else:
             net.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError) as e:
-        raise UserError(f"{a.pretrained if old is None else a.evaluate}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{a.pretrained if ckpt is None else a.evaluate}: {str(e).splitlines()[0]}") from None
     top5 = logs_top5(a, info.num_classes)
     for name, batches in evals.items():
         row = engine.summarise(engine.evaluate(net, batches, a.amp, top5, place.world), name, top5)
         if place.rank == 0:
             print(" ".join(f"{k} {v:.4f}" for k, v in row.items()))
-    if "export" in given and place.rank == 0:
-        export(a, net, info)
+    if export_to and place.rank == 0:
+        export(a, net, info, export_to)
     return 0
 
 
-def export(a, net: nn.Module, info: data.DatasetInfo) -> None:
+def export(a, net: nn.Module, info: data.DatasetInfo, path: Path) -> None:
     """Write the folded DiracNet and print how to rebuild it."""
-    if a.model != "diracnet":
-        raise UserError("--export folds a DiracNet; this checkpoint holds a DenseNet")
     folded = diracnet.fold(net.float().cpu().eval())
     version = "" if a.dirac_version == 2 else ", version=1"
     builder = (f"{a.arch}(num_classes={info.num_classes}{version})" if a.dataset == "imagenet" else
                f"diracnet_cifar({a.depth}, {a.width:g}, {info.num_classes}, {info.in_channels}{version})")  # fmt: skip
     rebuild = f"net = diracnet.fold(diracnet.{builder}); net.load_state_dict(torch.load(path)['state_dict'])"
-    runstate.atomic_save({"state_dict": folded.state_dict(), "rebuild": rebuild}, Path(a.export))
-    print(f"wrote the folded network to {a.export}; rebuild with: {rebuild}")
+    runstate.atomic_save({"state_dict": folded.state_dict(), "rebuild": rebuild}, path)
+    print(f"wrote the folded network to {path}; rebuild with: {rebuild}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         given = recipes.parse_args(argv, __doc__)
         place = setup_distributed(given.get("device", "auto"))
         code = evaluate(given, place) if "evaluate" in given else train(given, place)
-    except (UserError, data.DataError, runstate.CheckpointError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1 if isinstance(e, data.DataError) else 2
     if dist.is_initialized():

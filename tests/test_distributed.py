@@ -141,6 +141,28 @@ def test_sigterm_on_one_rank_stops_all_at_the_same_step(tmp_path):
     pd.testing.assert_frame_equal(*logs)
 
 
+def test_rank_0_holds_the_run_folder(tmp_path):
+    """A second job on a folder a torchrun job writes is refused, naming the job's rank 0."""
+    data, md5 = cifar(tmp_path, n_train=128, n_test=40)
+    save = tmp_path / "run"
+    argv = ["--dataset", "cifar10", "--data-dir", data, "--save", save, "--batch-size", 32,
+            "--epochs", 1000, *TINY]  # fmt: skip
+    job = launch(md5, argv)
+    try:
+        deadline = time.time() + 120
+        while not (save / "log.csv").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        second = launch(md5, [*argv, "--resume"], nproc=0)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2 and f"error: --save {save}: in use by pid " in err, err
+        holder = int(err.split("in use by pid ")[1].split()[0])
+        assert holder in worker_pids(job.pid)
+        assert b"RANK=0" in Path(f"/proc/{holder}/environ").read_bytes().split(b"\0")
+    finally:
+        job.send_signal(signal.SIGTERM)  # torchrun passes it on: both ranks save and stop
+        job.communicate(timeout=300)
+
+
 def test_imagenet_folder_one_epoch_with_top5(tmp_path, capsys):
     synthetic.make_imagenet_folder(
         tmp_path / "imagenet", classes=6, per_class=2, size=64

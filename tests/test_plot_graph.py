@@ -220,11 +220,12 @@ def test_plot_refuses_an_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "figures").write_text("mine")
     assert plot.main([str(run), "--out", str(tmp_path / "figures")]) == 1
     err = capsys.readouterr().err
-    assert err == f"plot.py: error: --out {tmp_path / 'figures'} is a file, not a folder\n"
+    figures = tmp_path / "figures"
+    assert err == f"plot.py: error: --out {figures}: cannot write there (it is a file, not a folder)\n"
     inside = tmp_path / "figures" / "sub"
     assert plot.main([str(run), "--out", str(inside)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"plot.py: error: cannot write the figures in {inside} (")
+    assert err == f"plot.py: error: --out {inside}: cannot write there ({figures} is a file, not a folder)\n"
     assert err.count("\n") == 1 and (tmp_path / "figures").read_text() == "mine"
 
 
