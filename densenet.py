@@ -118,7 +118,11 @@ class _DenseBlock(nn.ModuleDict):
     @torch.jit.unused
     def _one_buffer_forward(self, x: Tensor) -> Tensor:
         """Every layer reads a prefix view of one buffer (memory-efficient section below)."""
-        return _one_buffer_forward(self, x)
+        buffer = _block_buffer(x, self.out_channels)
+        x = _Append.apply(buffer[:, :0], x, buffer)
+        for layer in self.values():
+            x = _Append.apply(x, layer(x), buffer)
+        return x
 
 
 class _Transition(nn.Module):
@@ -440,12 +444,3 @@ def _block_buffer(x: Tensor, channels: int) -> Tensor:
     return torch.empty(
         (n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=_layout(x)
     )
-
-
-def _one_buffer_forward(block: _DenseBlock, x: Tensor) -> Tensor:
-    """The block's training forward with every layer reading a prefix view of one buffer."""
-    buffer = _block_buffer(x, block.out_channels)
-    x = _Append.apply(buffer[:, :0], x, buffer)
-    for layer in block.values():
-        x = _Append.apply(x, layer(x), buffer)
-    return x
