@@ -425,13 +425,17 @@ def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
         tmp_path / "run",
         *TINY,
     ]
-    env = {**os.environ, "TORCH_LOGS": "recompiles"}
+    cache = tmp_path / "inductor"
+    env = {**os.environ, "TORCH_LOGS": "recompiles", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     done = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *map(str, argv), "--epochs", "3", "--compile"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=600,
         check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout
+    # It compiled: no eager fallback (which never recompiles), and Inductor built kernels
+    assert "torch.compile failed" not in done.stdout
+    assert any(cache.rglob("*.so")), sorted(p.name for p in cache.rglob("*"))
     after_first_epoch = done.stdout.split("epoch 1 lr", 1)[1]
     assert "epoch 3 lr" in after_first_epoch and "Recompiling" not in after_first_epoch
 
