@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 from torchvision import datasets
 
 import synthetic
@@ -328,23 +328,29 @@ def subprocess_train(argv: list[str], env: dict | None = None) -> subprocess.Pop
     )  # fmt: skip
 
 
+def wait_for_line(proc: subprocess.Popen, start: str) -> None:
+    """Read proc's stdout up to a line starting with `start` (train.py flushes each line):
+    a signal sent then lands at a known point of the run, however fast the host."""
+    for line in proc.stdout:
+        if line.startswith(start):
+            return
+    pytest.fail(f"the run ended without a line starting {start!r}: {proc.communicate()}")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_resume_after_a_signal_mid_epoch_is_bit_exact(tmp_path, signum):
-    argv, save = mnist_run(tmp_path, n_train=3200)  # 100 steps per epoch
+    argv, save = mnist_run(tmp_path, n_train=1280)  # 40 steps per epoch
     argv = [*argv, "--epochs", "3", "--drop-rate", "0.1"]
     ref = subprocess_train([*argv, "--save", str(tmp_path / "ref")])
     assert ref.wait(timeout=300) == 0
     proc = subprocess_train(argv)
-    deadline = time.time() + 120
-    while not (save / "log.csv").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into epoch 2
+    wait_for_line(proc, "epoch 1 lr")  # printed once epoch 1 is logged, before epoch 2
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
     assert "Resume with the same command and --resume" in out
     stopped = final_state(save)
-    assert stopped["epoch"] == 1 and 0 < stopped["step"] < 100  # mid-epoch
+    assert stopped["epoch"] == 1 and 0 < stopped["step"] < 40  # mid-epoch
     resumed = subprocess_train([*argv, "--resume"])
     assert resumed.wait(timeout=300) == 0
     assert_same_run(tmp_path / "ref", save)
@@ -404,11 +410,29 @@ def test_diracnet_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
         capsys,
     )
     assert code == 0 and "rebuild with" in out
-    folded = torch.load(tmp_path / "folded.pt", weights_only=True)
-    net = train.diracnet.fold(train.diracnet.diracnet_cifar(10, 0.25, 10, 1))
-    net.load_state_dict(folded["state_dict"])
+    build = lambda: train.diracnet.diracnet_cifar(10, 0.25, 10, 1)
+    net = assert_export_computes_the_checkpoint(save / "latest.pt", tmp_path / "folded.pt", build)
     assert not any("." in name for name, _ in net.named_children())
-    assert os.path.getsize(tmp_path / "folded.pt") > 0
+
+
+def assert_export_computes_the_checkpoint(ckpt: Path, export: Path, build) -> nn.Module:
+    """The folded network in `export` is the checkpoint's model folded: each tensor equals
+    a float64 fold of the checkpoint to fp32 rounding, and so do its outputs; returns it."""
+    model = build().double().eval()
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    exact = train.diracnet.fold(model)
+    folded = train.diracnet.fold(build()).double()
+    folded.load_state_dict(torch.load(export, weights_only=True)["state_dict"])
+    # The export folds in fp32: a handful of roundings (2^-24 each) per weight and bias,
+    # far below 2^-16 of a tensor; folding another model's weights is off by O(1).
+    pairs = zip(folded.state_dict().items(), exact.state_dict().values(), strict=True)
+    for (name, got), want in pairs:
+        assert (got - want).norm() <= 2**-16 * want.norm(), name
+    x = torch.randn(8, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    assert (got - want).abs().max() <= 2**-16 * want.abs().max()
+    return folded
 
 
 def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
@@ -623,6 +647,6 @@ def test_diracnet_v1_trains_with_its_recipe_and_exports(tmp_path, capsys):
     code, out, _ = run(["--evaluate", save / "latest.pt", "--data-dir", tmp_path / "data",
                         "--export", tmp_path / "folded.pt", "--device", "cpu"], capsys)  # fmt: skip
     assert code == 0 and "diracnet_cifar(10, 0.25, 10, 1, version=1)" in out
-    net = train.diracnet.fold(train.diracnet.diracnet_cifar(10, 0.25, 10, 1, version=1))
-    net.load_state_dict(torch.load(tmp_path / "folded.pt", weights_only=True)["state_dict"])
+    build = lambda: train.diracnet.diracnet_cifar(10, 0.25, 10, 1, version=1)
+    net = assert_export_computes_the_checkpoint(save / "latest.pt", tmp_path / "folded.pt", build)
     assert any(isinstance(m, train.diracnet.NCReLU) for m in net.modules())
