@@ -12,6 +12,7 @@ rounding does. The factor a test allows says how differently the two paths round
 same kernels in another order, kernels that sum differently, operands rounded to bf16).
 """
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,12 @@ import engine
 # fp32's unit roundoff: the floor of any fp32 path's distance to float64 (one rounding of
 # the result itself), so a quantity the plain path happens to get exact still has a bound.
 FP32_EPS = torch.finfo(torch.float32).eps
+# One computation done twice in float64 (other kernels, order, layout or tracing) differs
+# by float64's rounding, 2^-53, times what the computation amplifies: for these models
+# below 10^5 (test_bench's fast path test sees fp32 training steps amplify rounding up to
+# 3*10^4 times), so 2^-30 of the result's size has 2^6 to spare on any host, and a real
+# difference (another formula, a missed term) lands far above it.
+SAME_IN_FLOAT64 = 2**-30
 KINDS = ("loss", "logits", "update")
 
 
@@ -167,3 +174,25 @@ def compare(
     measured = {name: distances(train(path, torch.float32), reference)
                 for name, path in {"fp32": plain, **paths}.items()}  # fmt: skip
     return Comparison(reference, measured)
+
+
+def assert_same_computation(got: Tensor, want: Tensor) -> None:
+    """Two float64 results of one computation agree to SAME_IN_FLOAT64 of want's size."""
+    assert got.dtype == want.dtype == torch.float64 and got.shape == want.shape
+    error, size = (got - want).abs().max().item(), want.abs().max().item()
+    assert error <= SAME_IN_FLOAT64 * size, (
+        f"differ by {error:.3g}, {error / size:.3g} of their size"
+    )
+
+
+def assert_forward_within(got: Tensor, model: nn.Module, x: Tensor, factor: float) -> None:
+    """`got`, model(x) computed by another fp32 engine (onnxruntime, say), is at most
+    `factor` times as far from the float64 output as eager fp32's own model(x) is (or its
+    floor, FP32_EPS of the output's size). Leaves model as it was."""
+    with torch.no_grad():
+        fp32 = model(x).double()
+        exact = copy.deepcopy(model).double()(x.double())
+    floor = FP32_EPS * exact.norm().item()
+    base = max((fp32 - exact).norm().item(), floor)
+    error = (got.double() - exact).norm().item()
+    assert error <= factor * base, f"{error / base:.3g} x eager fp32's distance to float64"

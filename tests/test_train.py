@@ -298,8 +298,8 @@ def assert_same_run(a: Path, b: Path) -> None:
             v["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"]
         )
     la, lb = pd.read_csv(a / "log.csv"), pd.read_csv(b / "log.csv")
-    pd.testing.assert_frame_equal(
-        la.drop(columns="seconds"), lb.drop(columns="seconds")
+    pd.testing.assert_frame_equal(  # the same bits, so the same printed digits
+        la.drop(columns="seconds"), lb.drop(columns="seconds"), check_exact=True
     )
 
 
@@ -366,8 +366,10 @@ def test_evaluate_prints_loss_and_error(tmp_path, capsys):
     assert code == 0
     logged = pd.read_csv(save / "log.csv").iloc[-1]
     printed = dict(zip(out.split()[::2], map(float, out.split()[1::2]), strict=True))
-    assert printed["test_err"] == pytest.approx(logged.test_err, abs=1e-3)
-    assert printed["test_loss"] == pytest.approx(logged.test_loss, rel=1e-3)
+    # The same evaluation of the same weights: only the printing differs (4 decimals on
+    # the console, 6 significant digits in the log), under 1e-4 together
+    assert printed["test_err"] == pytest.approx(logged.test_err, abs=1e-4)
+    assert printed["test_loss"] == pytest.approx(logged.test_loss, abs=1e-4)
 
 
 def test_diracnet_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
@@ -515,6 +517,8 @@ def test_devices():
 
 
 def test_a_cuda_build_without_a_gpu_says_why():
+    # Host-dependent by design: the one-line reason exists only on a CUDA build of torch
+    # without a usable GPU (as CI's); elsewhere the first assertion is the whole test.
     reason = train.cuda_unusable_reason()
     assert (reason is None) == (torch.version.cuda is None or torch.cuda.is_available())
     if reason is not None:
@@ -565,7 +569,8 @@ def test_diracnet_restarts_momentum_at_each_lr_drop(tmp_path, capsys):
         save = tmp_path / flag
         assert run([*argv, flag, "--save", save], capsys)[0] == 0
         ckpt = torch.load(save / "latest.pt", weights_only=True)
-        assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.02)  # dropped
+        # dropped: 0.1 * 0.2 in float64 is 0.02 but for its last bit
+        assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.02)
         assert (ckpt["optimizer"]["state"] == {}) == cleared
     args = json.loads((tmp_path / "--restart-momentum" / "args.json").read_text())
     a, _ = train.recipes.resolve({"model": "diracnet"}, train.recipes.probe(torch.device("cpu")))
