@@ -23,15 +23,6 @@ from reference import assert_same_computation
 CONVS = {1: DiracConv1d, 2: DiracConv2d, 3: DiracConv3d}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These small workloads run far faster on one thread than on contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
