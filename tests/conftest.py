@@ -1,15 +1,36 @@
-"""Shared fixtures: MD5 registration for synthetic files and local HTTP endpoints."""
+"""Shared fixtures: one thread per test process, MD5 registration for synthetic files and
+local HTTP endpoints."""
 
 import functools
 import http.server
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import synthetic
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread in the test process and in every process a test starts. The
+    workloads are tiny, and where other jobs share the cores a second thread stalls each
+    parallel op at its barrier: a 10 ms training step took 1 s on 2 busy cores, and the
+    suite's slowest tests took 5-40x as long. The numerical bounds hold for any thread
+    count (tests/reference.py), so nothing is tested less."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
 
 
 @pytest.fixture

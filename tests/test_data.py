@@ -161,6 +161,8 @@ def test_channel_stats():
     images = torch.randint(0, 256, (9, 3, 5, 7), dtype=torch.uint8)
     mean, std = data.channel_stats(images)
     pixels = images.numpy().transpose(1, 0, 2, 3).reshape(3, -1) / 255.0
+    # both float64, summed in their own orders: 2^-53 per term; the std's square root of a
+    # difference of such sums loses a little more, hence 1e-10
     np.testing.assert_allclose(mean.numpy(), pixels.mean(axis=1), rtol=1e-12)
     np.testing.assert_allclose(std.numpy(), pixels.std(axis=1), rtol=1e-10)
     assert mean.dtype == std.dtype == torch.float64 and mean.device.type == "cpu"
@@ -172,6 +174,7 @@ def test_normalisation_per_dataset(tmp_path, register_md5):
     train = data.load("cifar10", tmp_path, download=False)["train"]
     mean, std = data.normalisation(data.DATASETS["cifar10"], train)
     pixels = syn.splits["train"][0].transpose(1, 0, 2, 3).reshape(3, -1) / 255.0
+    # float64 both, as in test_channel_stats
     np.testing.assert_allclose(mean.numpy(), pixels.mean(axis=1), rtol=1e-12)
     np.testing.assert_allclose(std.numpy(), pixels.std(axis=1), rtol=1e-10)
     # The paper divides SVHN's pixels by 255 and nothing more; the others are standardised.
@@ -213,6 +216,7 @@ def test_train_epoch_is_a_permutation():
     split = toy_split()
     for x, y in out:  # no augmentation: the images themselves, in [0, 1]
         assert x.dtype == torch.float32 and y.dtype == torch.int64
+        # fp32 byte / 255 (or * (1 / 255)): within an ulp, far inside fp32's default bounds
         torch.testing.assert_close(x, split.images[y].float() / 255)
 
 
@@ -254,6 +258,7 @@ def test_eval_covers_every_image_once_with_constant_shape(world_size):
         for x, y in batches.epoch():
             assert x.shape == (8 // world_size, 3, SIZE, SIZE)
             real = y != data.IGNORE_LABEL
+            # fp32 byte / 255, within an ulp (as in test_train_epoch_is_a_permutation)
             torch.testing.assert_close(x[real], split.images[y[real]].float() / 255)
             assert not x[~real].any()
             seen += y[real].tolist()
@@ -307,6 +312,7 @@ def test_constant_padding_is_the_mean_colour():
         white, 16, train=True, augment=True, crop_pad=4, mean=[0.5] * 3, std=[0.25] * 3
     )
     x, _ = next(batches.epoch())
+    # (1 - 0.5) / 0.25 in fp32 is 2 to an ulp; isclose's default 1e-5 is far from 0
     inside, padding = torch.isclose(x, torch.tensor(2.0)), x == 0
     assert (inside | padding).all() and inside.any() and padding.any()
 
@@ -340,6 +346,8 @@ def test_normalisation_and_channels_last():
         torch.tensor(std).view(1, 3, 1, 1),
     )
     expected = (split.images[:8].double() / 255 - mean_t) / std_t
+    # fp32 (x / 255 - mean) / std: three roundings (2^-24 each) of values below 4, and fp32
+    # mean and std: under 2^-20 in all, inside 1e-5 on any host
     torch.testing.assert_close(x.double(), expected, rtol=0, atol=1e-5)
     plain = data.Batches(split, 8, train=True)
     assert next(iter(plain.epoch()))[0].is_contiguous()
@@ -370,6 +378,8 @@ def test_imagenet_train_and_val(imagenet_root):
     pil = Image.open(imagenet_root / "val" / "n00000000" / "0.JPEG").convert("RGB")
     pixels = np.asarray(pil.resize((256, 256), Image.BICUBIC))[16:240, 16:240] / 255.0
     expected = (pixels - data.IMAGENET_MEAN) / data.IMAGENET_STD
+    # the same PIL resize on both sides; then fp32 against float64 normalisation of values
+    # below 3: a few roundings of 2^-24 each, inside 1e-5
     torch.testing.assert_close(
         val_batches[0][0][0],
         torch.tensor(expected.transpose(2, 0, 1)).float(),
@@ -419,6 +429,8 @@ def test_lighting_adds_the_pca_colour_offset():
     ]
     for c in range(3):
         offset = sum(eigvec[c][j] * alpha[j] * eigval[j] for j in range(3))
+        # fp32 image + offset - image, for pixels in [0, 1]: an ulp of 1 (2^-24) at most
+        # from the float64 offset, far inside fp32's default atol 1e-5
         torch.testing.assert_close(out[c] - image[c], torch.full((4, 5), offset))
 
 

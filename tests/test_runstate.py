@@ -2,7 +2,9 @@
 cannot be read safely."""
 
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,7 +31,9 @@ def test_run_state_round_trips(tmp_path):
     a.sums += torch.tensor([1.0, 2.0, 3.0, 4.0])
     torch.randint(0, 10, (5,), generator=a.data_generator)
     a.data_rng = a.data_generator.get_state()
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
     train.runstate.atomic_save(a.state_dict(), tmp_path / "s.pt")
+    random.random(), np.random.rand(), torch.rand(1)  # every stream moves on after the save
     b = tiny_state(1)
     b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert (b.epoch, b.step, b.best, b.seconds) == (3, 7, 12.5, 4.25)
@@ -39,7 +43,12 @@ def test_run_state_round_trips(tmp_path):
     sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"]) for k in sa)
     assert b.scheduler.state_dict() == a.scheduler.state_dict()
-    assert torch.equal(torch.get_rng_state(), train.runstate.rng_state()["torch"])
+    # The process's streams are back where they were at the save, read without runstate
+    python, (kind, keys, *rest), torch_state = saved
+    assert random.getstate() == python
+    now_kind, now_keys, *now_rest = np.random.get_state()
+    assert (now_kind, now_rest) == (kind, rest) and np.array_equal(now_keys, keys)
+    assert torch.equal(torch.get_rng_state(), torch_state)
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):

@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 from torchvision import datasets
 
 import engine
@@ -301,8 +301,8 @@ def assert_same_run(a: Path, b: Path) -> None:
             v["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"]
         )
     la, lb = pd.read_csv(a / "log.csv"), pd.read_csv(b / "log.csv")
-    pd.testing.assert_frame_equal(
-        la.drop(columns="seconds"), lb.drop(columns="seconds")
+    pd.testing.assert_frame_equal(  # the same bits, so the same printed digits
+        la.drop(columns="seconds"), lb.drop(columns="seconds"), check_exact=True
     )
 
 
@@ -331,23 +331,29 @@ def subprocess_train(argv: list[str], env: dict | None = None) -> subprocess.Pop
     )  # fmt: skip
 
 
+def wait_for_line(proc: subprocess.Popen, start: str) -> None:
+    """Read proc's stdout up to a line starting with `start` (train.py flushes each line):
+    a signal sent then lands at a known point of the run, however fast the host."""
+    for line in proc.stdout:
+        if line.startswith(start):
+            return
+    pytest.fail(f"the run ended without a line starting {start!r}: {proc.communicate()}")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_resume_after_a_signal_mid_epoch_is_bit_exact(tmp_path, signum):
-    argv, save = mnist_run(tmp_path, n_train=3200)  # 100 steps per epoch
+    argv, save = mnist_run(tmp_path, n_train=1280)  # 40 steps per epoch
     argv = [*argv, "--epochs", "3", "--drop-rate", "0.1"]
     ref = subprocess_train([*argv, "--save", str(tmp_path / "ref")])
     assert ref.wait(timeout=300) == 0
     proc = subprocess_train(argv)
-    deadline = time.time() + 120
-    while not (save / "log.csv").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into epoch 2
+    wait_for_line(proc, "epoch 1 lr")  # printed once epoch 1 is logged, before epoch 2
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
     assert "Resume with the same command and --resume" in out
     stopped = final_state(save)
-    assert stopped["epoch"] == 1 and 0 < stopped["step"] < 100  # mid-epoch
+    assert stopped["epoch"] == 1 and 0 < stopped["step"] < 40  # mid-epoch
     resumed = subprocess_train([*argv, "--resume"])
     assert resumed.wait(timeout=300) == 0
     assert_same_run(tmp_path / "ref", save)
@@ -363,8 +369,10 @@ def test_evaluate_prints_loss_and_error(tmp_path, capsys):
     assert code == 0
     logged = pd.read_csv(save / "log.csv").iloc[-1]
     printed = dict(zip(out.split()[::2], map(float, out.split()[1::2]), strict=True))
-    assert printed["test_err"] == pytest.approx(logged.test_err, abs=1e-3)
-    assert printed["test_loss"] == pytest.approx(logged.test_loss, rel=1e-3)
+    # The same evaluation of the same weights: only the printing differs (4 decimals on
+    # the console, 6 significant digits in the log), under 1e-4 together
+    assert printed["test_err"] == pytest.approx(logged.test_err, abs=1e-4)
+    assert printed["test_loss"] == pytest.approx(logged.test_loss, abs=1e-4)
 
 
 def test_diracnet_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
@@ -407,11 +415,29 @@ def test_diracnet_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
         capsys,
     )
     assert code == 0 and "rebuild with" in out
-    folded = torch.load(tmp_path / "folded.pt", weights_only=True)
-    net = train.diracnet.fold(train.diracnet.diracnet_cifar(10, 0.25, 10, 1))
-    net.load_state_dict(folded["state_dict"])
+    build = lambda: train.diracnet.diracnet_cifar(10, 0.25, 10, 1)
+    net = assert_export_computes_the_checkpoint(save / "latest.pt", tmp_path / "folded.pt", build)
     assert not any("." in name for name, _ in net.named_children())
-    assert os.path.getsize(tmp_path / "folded.pt") > 0
+
+
+def assert_export_computes_the_checkpoint(ckpt: Path, export: Path, build) -> nn.Module:
+    """The folded network in `export` is the checkpoint's model folded: each tensor equals
+    a float64 fold of the checkpoint to fp32 rounding, and so do its outputs; returns it."""
+    model = build().double().eval()
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    exact = train.diracnet.fold(model)
+    folded = train.diracnet.fold(build()).double()
+    folded.load_state_dict(torch.load(export, weights_only=True)["state_dict"])
+    # The export folds in fp32: a handful of roundings (2^-24 each) per weight and bias,
+    # far below 2^-16 of a tensor; folding another model's weights is off by O(1).
+    pairs = zip(folded.state_dict().items(), exact.state_dict().values(), strict=True)
+    for (name, got), want in pairs:
+        assert (got - want).norm() <= 2**-16 * want.norm(), name
+    x = torch.randn(8, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    assert (got - want).abs().max() <= 2**-16 * want.abs().max()
+    return folded
 
 
 def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
@@ -428,13 +454,17 @@ def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
         tmp_path / "run",
         *TINY,
     ]
-    env = {**os.environ, "TORCH_LOGS": "recompiles"}
+    cache = tmp_path / "inductor"
+    env = {**os.environ, "TORCH_LOGS": "recompiles", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     done = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *map(str, argv), "--epochs", "3", "--compile"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=600,
         check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout
+    # It compiled: no eager fallback (which never recompiles), and Inductor built kernels
+    assert "torch.compile failed" not in done.stdout
+    assert any(cache.rglob("*.so")), sorted(p.name for p in cache.rglob("*"))
     after_first_epoch = done.stdout.split("epoch 1 lr", 1)[1]
     assert "epoch 3 lr" in after_first_epoch and "Recompiling" not in after_first_epoch
 
@@ -490,6 +520,8 @@ def test_devices():
 
 
 def test_a_cuda_build_without_a_gpu_says_why():
+    # Host-dependent by design: the one-line reason exists only on a CUDA build of torch
+    # without a usable GPU (as CI's); elsewhere the first assertion is the whole test.
     reason = engine.cuda_unusable_reason()
     assert (reason is None) == (torch.version.cuda is None or torch.cuda.is_available())
     if reason is not None:
@@ -545,7 +577,8 @@ def test_diracnet_restarts_momentum_at_each_lr_drop(tmp_path, capsys):
         save = tmp_path / f"{flag}{epochs}"
         assert run([*argv, flag, "--epochs", epochs, "--save", save], capsys)[0] == 0
         ckpt = torch.load(save / "latest.pt", weights_only=True)
-        assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.02)  # dropped
+        # dropped: 0.1 * 0.2 in float64 is 0.02 but for its last bit
+        assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.02)
         buffers[flag, epochs] = [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()]
     restarted, kept = buffers["--restart-momentum", 2], buffers["--no-restart-momentum", 2]
     for b2, k2, b1 in zip(restarted, kept, buffers["--restart-momentum", 1], strict=True):
@@ -609,16 +642,19 @@ def test_training_runs_where_glibc_mallopt_is_missing(tmp_path):
     assert train.engine.keep_freed_memory(False) == sys.platform.startswith("linux")
 
 
-def test_plain_batchnorm_flag_trains_the_same_network(tmp_path, capsys):
-    """--no-shared-stats is the per-layer BN the shared statistics must equal."""
+def test_shared_stats_flag_converts_the_model_and_is_recorded(tmp_path, capsys):
+    """--shared-stats builds the converted model (its numbers are test_sharedstats.py's),
+    --no-shared-stats the plain one, and args.json says which ran."""
     argv, _ = mnist_run(tmp_path)
-    logs = {}
     for flag in ("--shared-stats", "--no-shared-stats"):
         save = tmp_path / flag
-        assert run([*argv, "--epochs", 1, "--amp", "off", flag, "--save", save], capsys)[0] == 0
-        assert json.loads((save / "args.json").read_text())["shared_stats"] == (flag == "--shared-stats")
-        logs[flag] = pd.read_csv(save / "log.csv").drop(columns="seconds")
-    pd.testing.assert_frame_equal(*logs.values(), rtol=1e-4)
+        assert run([*argv, "--epochs", 1, flag, "--save", save], capsys)[0] == 0
+        args = json.loads((save / "args.json").read_text())
+        assert args["shared_stats"] == (flag == "--shared-stats") and not args["compile"]
+        a, _ = recipes.resolve({"shared_stats": args["shared_stats"]}, recipes.Capabilities("cpu", False, True))
+        net = train.build_model(a, train.data.DATASETS["mnist"], torch.device("cpu"))
+        blocks = [m for m in net.modules() if isinstance(m, train.densenet._DenseBlock)]
+        assert blocks and all(isinstance(b, train.sharedstats.SharedStatsBlock) == args["shared_stats"] for b in blocks)
 
 
 def test_diracnet_v1_trains_with_its_recipe_and_exports(tmp_path, capsys):
@@ -633,6 +669,6 @@ def test_diracnet_v1_trains_with_its_recipe_and_exports(tmp_path, capsys):
     code, out, _ = run(["--evaluate", save / "latest.pt", "--data-dir", tmp_path / "data",
                         "--export", tmp_path / "folded.pt", "--device", "cpu"], capsys)  # fmt: skip
     assert code == 0 and "diracnet_cifar(10, 0.25, 10, 1, version=1)" in out
-    net = train.diracnet.fold(train.diracnet.diracnet_cifar(10, 0.25, 10, 1, version=1))
-    net.load_state_dict(torch.load(tmp_path / "folded.pt", weights_only=True)["state_dict"])
+    build = lambda: train.diracnet.diracnet_cifar(10, 0.25, 10, 1, version=1)
+    net = assert_export_computes_the_checkpoint(save / "latest.pt", tmp_path / "folded.pt", build)
     assert any(isinstance(m, train.diracnet.NCReLU) for m in net.modules())
