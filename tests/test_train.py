@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torchvision import datasets
 
-import engine
 import recipes
 import synthetic
 import train
@@ -41,9 +40,7 @@ def make_dataset(name: str, root: Path, register_md5) -> None:
         register_md5(datasets.CIFAR10 if classes == 10 else datasets.CIFAR100, syn.md5)
     elif name == "svhn":
         # enough per class for the paper's 6,000-image validation split
-        syn = synthetic.make_svhn(
-            root, per_class={"train": 410, "extra": 210, "test": 5}
-        )
+        syn = synthetic.make_svhn(root, per_class={"train": 410, "extra": 210, "test": 5})
         register_md5(datasets.SVHN, syn.md5)
     else:
         synthetic.make_mnist(root, name, n_train=200, n_test=50)
@@ -55,9 +52,7 @@ def run(argv: list[str], capsys=None) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize(
-    "name", ["cifar10", "cifar100", "svhn", "mnist", "fashion-mnist"]
-)
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn", "mnist", "fashion-mnist"])
 def test_each_dataset_trains_and_logs(tmp_path, register_md5, capsys, name):
     make_dataset(name, tmp_path / "data", register_md5)
     save = tmp_path / "run"
@@ -88,9 +83,7 @@ def test_each_dataset_trains_and_logs(tmp_path, register_md5, capsys, name):
     assert log[["train_err", "test_err"]].stack().between(0, 100).all()
     args = json.loads((save / "args.json").read_text())
     assert (
-        args["dataset"] == name
-        and args["torch"] == torch.__version__
-        and args["device"] == "cpu"
+        args["dataset"] == name and args["torch"] == torch.__version__ and args["device"] == "cpu"
     )
     # the paper's recipe per dataset: SVHN no augmentation + dropout 0.2, MNIST no flip
     assert args["augment"] == (name != "svhn") and args["drop_rate"] == (
@@ -125,8 +118,7 @@ def test_default_save_folder_and_paper_recipe(tmp_path, monkeypatch, capsys):
     assert code == 0
     args = json.loads((tmp_path / "work/mnist.densenet-bc-10-4/args.json").read_text())
     recipe = {
-        k: args[k]
-        for k in ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "gamma")
+        k: args[k] for k in ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "gamma")
     }
     assert recipe == {
         "batch_size": 64,
@@ -137,7 +129,9 @@ def test_default_save_folder_and_paper_recipe(tmp_path, monkeypatch, capsys):
         "gamma": 0.1,
     }
     assert args["milestones"] == [0.5, 0.75] and args["compression"] == 0.5
-    assert args["schedule"] == "lua" and args["lr_drops"] == recipes.lr_drops("lua", [0.5, 0.75], args["epochs"])
+    assert args["schedule"] == "lua" and args["lr_drops"] == recipes.lr_drops(
+        "lua", [0.5, 0.75], args["epochs"]
+    )
 
 
 def test_figures_and_tensorboard(tmp_path, capsys):
@@ -155,9 +149,7 @@ def test_figures_and_tensorboard(tmp_path, capsys):
     assert code == 0
     for figure in ("loss.png", "error.png"):
         assert (save / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert any(
-        p.name.startswith("events.out.tfevents") for p in (save / "tb").iterdir()
-    )
+    assert any(p.name.startswith("events.out.tfevents") for p in (save / "tb").iterdir())
 
 
 def mnist_run(tmp_path: Path, n_train: int = 64) -> tuple[list[str], Path]:
@@ -191,13 +183,25 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 REFUSALS = {
     "existing run": (["--epochs", 2], "already holds a run", 2),
     "other depth": (["--resume", "--depth", 16], "--depth 16 (checkpoint: 10)", 2),
-    "other dataset": (["--resume", "--dataset", "fashion-mnist"], "--dataset fashion-mnist (checkpoint: mnist)", 2),
+    "other dataset": (
+        ["--resume", "--dataset", "fashion-mnist"],
+        "--dataset fashion-mnist (checkpoint: mnist)",
+        2,
+    ),
     "bad depth": (["--save", "{new}", "--depth", 11], "nearest valid depths: 10 and 16", 2),
     "sync-bn on CPU": (["--save", "{new}", "--sync-bn"], "--sync-bn needs CUDA", 2),
-    "arch without imagenet": (["--save", "{new}", "--arch", "densenet121"], "--arch is for --dataset imagenet", 2),
+    "arch without imagenet": (
+        ["--save", "{new}", "--arch", "densenet121"],
+        "--arch is for --dataset imagenet",
+        2,
+    ),
     "resume nothing": (["--save", "{new}", "--resume"], "does not exist", 2),
     "negative lr": (["--save", "{new}", "--lr", -1], "Invalid learning rate", 2),
-    "unknown device": (["--save", "{new}", "--device", "foo"], "--device foo: expected auto, cpu, cuda", 2),
+    "unknown device": (
+        ["--save", "{new}", "--device", "foo"],
+        "--device foo: expected auto, cpu, cuda",
+        2,
+    ),
     "cuda device not there": (["--save", "{new}", "--device", "cuda:7"], "--device cuda:7: ", 2),
     "fp16 on CPU": (["--save", "{new}", "--amp", "fp16"], "--amp fp16 needs a GPU", 2),
     "bad milestone": (["--save", "{new}", "--milestones", 1.5], "fractions of the epochs", 2),
@@ -206,7 +210,11 @@ REFUSALS = {
     "negative val-split": (["--save", "{new}", "--val-split", -3], "--val-split must be 0", 2),
     "save inside a file": (["--save", "{file}/run"], "is a file, not a folder", 2),
     "save unwritable": (["--save", "/proc/densenet-run"], "cannot write there", 2),
-    "data-dir is a file": (["--save", "{new}", "--data-dir", "{file}"], "is a file, not a folder", 1),
+    "data-dir is a file": (
+        ["--save", "{new}", "--data-dir", "{file}"],
+        "is a file, not a folder",
+        1,
+    ),
 }
 
 
@@ -275,11 +283,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     torch.save(ckpt, save / "latest.pt")
     before = (save / "latest.pt").read_bytes()
     code, _, err = run([*argv, "--resume", "--epochs", 3], capsys)
-    assert (
-        code == 2
-        and "non-finite" in err
-        and "latest.pt holds the last good state" in err
-    )
+    assert code == 2 and "non-finite" in err and "latest.pt holds the last good state" in err
     assert (save / "latest.pt").read_bytes() == before
     assert len(pd.read_csv(save / "log.csv")) == 2
     code, _, err = run([*argv, "--save", tmp_path / "fresh", "--lr", 1e30], capsys)
@@ -297,9 +301,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k  # bit for bit
     for k, v in sa["optimizer"]["state"].items():
-        assert torch.equal(
-            v["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"]
-        )
+        assert torch.equal(v["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"])
     la, lb = pd.read_csv(a / "log.csv"), pd.read_csv(b / "log.csv")
     pd.testing.assert_frame_equal(  # the same bits, so the same printed digits
         la.drop(columns="seconds"), lb.drop(columns="seconds"), check_exact=True
@@ -440,94 +442,6 @@ def assert_export_computes_the_checkpoint(ckpt: Path, export: Path, build) -> nn
     return folded
 
 
-def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
-    # The last training batch is dropped and evaluation pads its last batch, so the only
-    # compilations are epoch 1's train and eval graphs; TORCH_LOGS reports any other.
-    # 100 training images and 40 test images: partial last batches on both sides (batch 32)
-    synthetic.make_mnist(tmp_path / "data", "mnist", n_train=100, n_test=40)
-    argv = [
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        tmp_path / "data",
-        "--save",
-        tmp_path / "run",
-        *TINY,
-    ]
-    cache = tmp_path / "inductor"
-    env = {**os.environ, "TORCH_LOGS": "recompiles", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *map(str, argv), "--epochs", "3", "--compile"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=600,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout
-    # It compiled: no eager fallback (which never recompiles), and Inductor built kernels
-    assert "torch.compile failed" not in done.stdout
-    assert any(cache.rglob("*.so")), sorted(p.name for p in cache.rglob("*"))
-    after_first_epoch = done.stdout.split("epoch 1 lr", 1)[1]
-    assert "epoch 3 lr" in after_first_epoch and "Recompiling" not in after_first_epoch
-
-
-FREE_A_BLOCK = """
-import os, sys, torch, engine
-if sys.argv[1] == "keep":
-    engine.keep_freed_memory()
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-x = torch.ones(2**26)  # 256 MiB, touched
-before = rss()
-del x
-print(before - rss())
-"""
-
-
-@pytest.mark.parametrize("mode", ["default", "keep"])
-def test_keep_freed_memory_keeps_large_blocks_for_reuse(mode):
-    """By default glibc unmaps a freed 256 MiB block (its pages fault in again on reuse);
-    after keep_freed_memory() it stays in the heap."""
-    done = subprocess.run(
-        [sys.executable, "-c", FREE_A_BLOCK, mode], cwd=ROOT, capture_output=True,
-        text=True, timeout=120, check=True,
-    )  # fmt: skip
-    released = int(done.stdout)
-    if mode == "keep":
-        assert released < 2**20
-    else:
-        assert released > 200 * 2**20
-
-
-def test_the_run_records_its_fast_paths(tmp_path, capsys):
-    argv, save = mnist_run(tmp_path)
-    code, out, _ = run([*argv, "--epochs", 1], capsys)
-    caps = train.recipes.probe(torch.device("cpu"))
-    amp = train.recipes.device_defaults(caps)["amp"]
-    args = json.loads((save / "args.json").read_text())
-    assert code == 0 and args["amp"] == amp and args["channels_last"] is True
-    assert f"amp {amp}, channels_last on, compile off" in out
-
-
-def test_devices():
-    assert engine.select_device("auto", 1, 0) == torch.device("cpu")  # no GPU, no MPS here
-    assert engine.select_device("cpu", 2, 1) == torch.device("cpu")
-    for flag, message in [("foo", "expected auto, cpu"), ("cuda", "no usable CUDA"),
-                          ("mps", "MPS is not available"), ("meta", "runs on cpu, cuda or mps")]:  # fmt: skip
-        with pytest.raises(train.UserError, match=message):
-            engine.select_device(flag, 1, 0)
-    with pytest.raises(train.UserError, match="torchrun needs cuda or cpu"):
-        engine.select_device("mps", 2, 0)
-
-
-def test_a_cuda_build_without_a_gpu_says_why():
-    # Host-dependent by design: the one-line reason exists only on a CUDA build of torch
-    # without a usable GPU (as CI's); elsewhere the first assertion is the whole test.
-    reason = engine.cuda_unusable_reason()
-    assert (reason is None) == (torch.version.cuda is None or torch.cuda.is_available())
-    if reason is not None:
-        assert "\n" not in reason and reason
-
-
 def test_other_checkpoint_formats(tmp_path, capsys):
     argv, save = mnist_run(tmp_path)
     assert run([*argv, "--epochs", 1], capsys)[0] == 0
@@ -539,7 +453,9 @@ def test_other_checkpoint_formats(tmp_path, capsys):
     assert err.count("\n") == 1
     # format 1, written before checkpoints carried a version, still resumes
     legacy = {k: v for k, v in ckpt.items() if k != "format"}
-    legacy["ranks"] = [{**r, "rng": {k: v for k, v in r["rng"].items() if k != "mps"}} for r in ckpt["ranks"]]
+    legacy["ranks"] = [
+        {**r, "rng": {k: v for k, v in r["rng"].items() if k != "mps"}} for r in ckpt["ranks"]
+    ]
     torch.save(legacy, save / "latest.pt")
     assert run([*argv, "--resume", "--epochs", 2], capsys)[0] == 0
     assert list(pd.read_csv(save / "log.csv").epoch) == [1, 2]
@@ -559,7 +475,9 @@ def test_val_split_chooses_best_pt_and_the_test_error_is_reported(tmp_path, caps
     last = log.iloc[-1]
     closing = out.strip().splitlines()[-1]
     assert closing.startswith(f"final test error {last.test_err:.2f}% (epoch 3)")
-    assert f"best.pt: epoch {int(best.epoch)}, lowest validation error {best.val_err:.2f}%" in closing
+    assert (
+        f"best.pt: epoch {int(best.epoch)}, lowest validation error {best.val_err:.2f}%" in closing
+    )
     assert f"its test error {best.test_err:.2f}%" in closing
 
 
@@ -573,7 +491,11 @@ def test_diracnet_restarts_momentum_at_each_lr_drop(tmp_path, capsys):
             "--depth", 10, "--width", 0.25, "--batch-size", 32, "--milestones", 0.9,
             "--no-plot", "--device", "cpu"]  # fmt: skip
     buffers = {}
-    for flag, epochs in [("--restart-momentum", 2), ("--no-restart-momentum", 2), ("--restart-momentum", 1)]:
+    for flag, epochs in [
+        ("--restart-momentum", 2),
+        ("--no-restart-momentum", 2),
+        ("--restart-momentum", 1),
+    ]:
         save = tmp_path / f"{flag}{epochs}"
         assert run([*argv, flag, "--epochs", epochs, "--save", save], capsys)[0] == 0
         ckpt = torch.load(save / "latest.pt", weights_only=True)
@@ -592,69 +514,6 @@ def test_diracnet_restarts_momentum_at_each_lr_drop(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- robustness
-
-
-def test_a_failing_compiler_falls_back_to_eager_losing_nothing(tmp_path):
-    """A C++ compiler that does not exist makes torch.compile fail on its first graph: the
-    run warns once and then trains exactly as an eager run does."""
-    argv, _ = mnist_run(tmp_path)
-    argv = [*argv, "--epochs", "1", "--drop-rate", "0.1"]
-    eager = subprocess_train([*argv, "--save", str(tmp_path / "eager")])
-    assert eager.wait(timeout=300) == 0
-    env = {"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
-    broken = subprocess_train([*argv, "--save", str(tmp_path / "broken"), "--compile"], env)
-    _, err = broken.communicate(timeout=600)
-    assert broken.returncode == 0, err
-    assert err.count("warning: torch.compile failed, training eagerly") == 1, err
-    assert_same_run(tmp_path / "eager", tmp_path / "broken")
-
-
-def test_deterministic_flag_reaches_the_process_and_is_restored(tmp_path, capsys):
-    argv, save = mnist_run(tmp_path)
-    assert run([*argv, "--epochs", 1, "--deterministic"], capsys)[0] == 0
-    assert json.loads((save / "args.json").read_text())["deterministic"] is True
-    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
-    with train.engine.process_settings(torch.device("cpu"), deterministic=True):
-        assert torch.are_deterministic_algorithms_enabled()
-        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
-
-
-WITHOUT_MALLOPT = """
-import ctypes, sys
-sys.path.insert(0, sys.argv[1])
-import train  # torch and torchvision load their libraries with ctypes first
-def no_libc(*args, **kwargs):  # as on Windows, where CDLL(None) raises TypeError
-    raise TypeError("expected str, bytes or os.PathLike object, not NoneType")
-ctypes.CDLL = no_libc
-sys.exit(train.main(sys.argv[2:]))
-"""
-
-
-def test_training_runs_where_glibc_mallopt_is_missing(tmp_path):
-    argv, save = mnist_run(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_MALLOPT, str(ROOT), *argv, "--epochs", "1"],
-        capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert len(pd.read_csv(save / "log.csv")) == 1
-    assert train.engine.keep_freed_memory(False) == sys.platform.startswith("linux")
-
-
-def test_shared_stats_flag_converts_the_model_and_is_recorded(tmp_path, capsys):
-    """--shared-stats builds the converted model (its numbers are test_sharedstats.py's),
-    --no-shared-stats the plain one, and args.json says which ran."""
-    argv, _ = mnist_run(tmp_path)
-    for flag in ("--shared-stats", "--no-shared-stats"):
-        save = tmp_path / flag
-        assert run([*argv, "--epochs", 1, flag, "--save", save], capsys)[0] == 0
-        args = json.loads((save / "args.json").read_text())
-        assert args["shared_stats"] == (flag == "--shared-stats") and not args["compile"]
-        a, _ = recipes.resolve({"shared_stats": args["shared_stats"]}, recipes.Capabilities("cpu", False, True))
-        net = train.build_model(a, train.data.DATASETS["mnist"], torch.device("cpu"))
-        blocks = [m for m in net.modules() if isinstance(m, train.densenet._DenseBlock)]
-        assert blocks and all(isinstance(b, train.sharedstats.SharedStatsBlock) == args["shared_stats"] for b in blocks)
 
 
 def test_diracnet_v1_trains_with_its_recipe_and_exports(tmp_path, capsys):
