@@ -128,10 +128,8 @@ def _tiny(
     ).to(dtype)
 
 
-@pytest.mark.parametrize("bottleneck", [True, False])
-@pytest.mark.parametrize("memory_efficient", [False, True])
-def test_gradcheck_float64(bottleneck, memory_efficient):
-    model = _tiny(bottleneck, memory_efficient)
+def assert_gradcheck(model: nn.Module) -> None:
+    """torch.autograd.gradcheck of model's output against its input and every parameter."""
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in model.parameters()]
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
@@ -144,11 +142,36 @@ def test_gradcheck_float64(bottleneck, memory_efficient):
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
+@pytest.mark.parametrize("bottleneck", [True, False])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_gradcheck_float64(bottleneck, memory_efficient):
+    assert_gradcheck(_tiny(bottleneck, memory_efficient))
+
+
 def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)  # same dropout masks on both paths
     out = model(x)
     F.cross_entropy(out, y).backward()
     return out
+
+
+def assert_same_float64_steps(plain: nn.Module, other: nn.Module) -> None:
+    """Two training steps of two float64 models of the same weights on one batch: outputs,
+    accumulated gradients and buffers (running statistics, batches counted once a step)."""
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    # float64, the same computation: outputs within 1e-12 (2^-53 times little amplification),
+    # gradients 1e-10 (BN's backward at initialisation amplifies up to 10^5: reference.py)
+    for step in range(2):
+        a = _train_step(plain, x, y, step)
+        b = _train_step(other, x, y, step)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(plain.named_parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, s), t in zip(plain.named_buffers(), other.buffers(), strict=True):
+        torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12, msg=name)
+    for m in (plain, other):
+        assert m.features.denseblock1.denselayer2.norm1.num_batches_tracked.item() == 2
 
 
 @pytest.mark.parametrize("bottleneck", [True, False])
@@ -157,20 +180,7 @@ def test_memory_efficient_equals_plain(bottleneck, drop_rate):
     plain = _tiny(bottleneck, drop_rate=drop_rate)
     efficient = _tiny(bottleneck, True, drop_rate)
     efficient.load_state_dict(plain.state_dict())
-    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, 1])
-    # float64, the same computation: outputs within 1e-12 (2^-53 times little amplification),
-    # gradients 1e-10 (BN's backward at initialisation amplifies up to 10^5: reference.py)
-    for step in range(2):
-        a = _train_step(plain, x, y, step)
-        b = _train_step(efficient, x, y, step)
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for (name, p), q in zip(plain.named_parameters(), efficient.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-    for (name, s), t in zip(plain.named_buffers(), efficient.buffers(), strict=True):
-        # running_mean, running_var and num_batches_tracked counted once per step
-        torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12, msg=name)
-    assert plain.features.norm5.num_batches_tracked.item() == 2
+    assert_same_float64_steps(plain, efficient)
 
 
 def test_memory_efficient_layers_read_one_buffer_per_block():

@@ -10,7 +10,7 @@ import densenet as D
 import reference
 import sharedstats as S
 from engine import saved_activation_bytes
-from test_densenet import _count_calls, _tiny, _train_step
+from test_densenet import _count_calls, _tiny, assert_gradcheck, assert_same_float64_steps
 
 
 def _shared(*args, **kwargs) -> D.DenseNet:
@@ -34,36 +34,18 @@ def test_converter_keeps_the_state_dict_and_replaces_every_block():
 @pytest.mark.parametrize("bottleneck", [True, False])
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_gradcheck_float64(bottleneck, memory_efficient):
-    model = _shared(bottleneck, memory_efficient)
-    names = [n for n, _ in model.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-
-    def f(x, *ps):
-        return torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (x,))
-
-    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+    assert_gradcheck(_shared(bottleneck, memory_efficient))
 
 
 @pytest.mark.parametrize("bottleneck", [True, False])
 @pytest.mark.parametrize("memory_efficient", [False, True])
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])
 def test_equal_plain_bn_in_float64(bottleneck, memory_efficient, drop_rate):
-    """The same computation in float64: outputs, gradients and running statistics of two
-    steps to float64 rounding (the sums are ordered differently)."""
-    plain = _tiny(bottleneck, drop_rate=drop_rate)
-    shared = _shared(bottleneck, memory_efficient, drop_rate)
-    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, 1])
-    for step in range(2):
-        a = _train_step(plain, x, y, step)
-        b = _train_step(shared, x, y, step)
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for (name, p), q in zip(plain.named_parameters(), shared.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-    for (name, s), t in zip(plain.named_buffers(), shared.buffers(), strict=True):
-        torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12, msg=name)
-    assert shared.features.denseblock1.denselayer2.norm1.num_batches_tracked.item() == 2
+    """The same computation in float64 (its sums in another order): outputs, gradients and
+    running statistics of two steps to float64 rounding."""
+    assert_same_float64_steps(
+        _tiny(bottleneck, drop_rate=drop_rate), _shared(bottleneck, memory_efficient, drop_rate)
+    )
 
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])
