@@ -7,6 +7,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,6 +22,10 @@ from tqdm import tqdm
 import data
 import runstate
 from recipes import UserError
+
+# One process writes the progress bar: a thread lock, not tqdm's default multiprocessing
+# semaphore, which a measuring child process (measuring.call_fresh) leaves behind at exit.
+tqdm.set_lock(threading.RLock())
 
 # glibc's mallopt parameters, and the defaults that process_settings restores.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4

@@ -329,6 +329,7 @@ def test_gpu_check_end_to_end_on_cpu(tmp_path: Path):
     for part in gpucheck.PARTS:
         assert f"| {part} |" in done.stdout
     assert "skipped: nothing" in done.stdout
+    assert "leaked semaphore" not in done.stderr  # measuring children leave nothing behind
 
     again = gpu_check(tmp_path, "--parts", "memory", "--budget", 900)
     assert again.returncode == 0, again.stderr
