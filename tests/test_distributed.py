@@ -157,9 +157,10 @@ def test_rank_0_holds_the_run_folder(tmp_path):
             "--epochs", 1000, *TINY]  # fmt: skip
     job = launch(md5, argv)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # only for a hang: rank 0 locks the folder, then logs
         while not (save / "log.csv").exists() and time.time() < deadline:
             time.sleep(0.05)
+        assert (save / "log.csv").exists(), "the torchrun job logged nothing in 10 minutes"
         second = launch(md5, [*argv, "--resume"], nproc=0)
         _, err = second.communicate(timeout=300)
         assert second.returncode == 2 and f"error: --save {save}: in use by pid " in err, err

@@ -67,7 +67,7 @@ def test_keep_freed_memory_keeps_large_blocks_for_reuse(mode):
     after keep_freed_memory() it stays in the heap."""
     done = subprocess.run(
         [sys.executable, "-c", FREE_A_BLOCK, mode], cwd=ROOT, capture_output=True,
-        text=True, timeout=120, check=True,
+        text=True, timeout=300, check=True,
     )  # fmt: skip
     released = int(done.stdout)
     if mode == "keep":

@@ -351,7 +351,7 @@ def test_resume_after_a_signal_mid_epoch_is_bit_exact(tmp_path, signum):
     proc = subprocess_train(argv)
     wait_for_line(proc, "epoch 1 lr")  # printed once epoch 1 is logged, before epoch 2
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, err
     assert "Resume with the same command and --resume" in out
     stopped = final_state(save)
