@@ -200,20 +200,9 @@ def test_memory_efficient_layers_read_one_buffer_per_block():
 
 
 def test_memory_efficient_under_compile_equals_plain():
-    """torch.compile traces the shared-buffer writes and the checkpoint correctly."""
-    plain = _tiny(True, drop_rate=0.0)
-    efficient = torch.compile(_tiny(True, memory_efficient=True))
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    y = torch.tensor([0, 2])
-    a = _train_step(plain, x, y, 0)
-    b = _train_step(efficient, x, y, 0)
-    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for (name, p), q in zip(plain.named_parameters(), efficient.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-    for (name, s), t in zip(plain.named_buffers(), efficient.buffers(), strict=True):
-        # the compiled recomputation must not count the batch twice either
-        torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12, msg=name)
-    assert efficient.features.denseblock1.denselayer2.norm1.num_batches_tracked.item() == 1
+    """torch.compile traces the shared-buffer writes and the checkpoint correctly (and its
+    recomputation counts each batch once in the running statistics)."""
+    assert_same_float64_steps(_tiny(True), torch.compile(_tiny(True, memory_efficient=True)))
 
 
 def _count_norm1_calls(model: D.DenseNet) -> list[int]:
