@@ -5,13 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import torchvision
+from test_train import wait_for_line, wait_for_rows
 
 import densenet
 import synthetic
@@ -123,11 +123,7 @@ def test_sigterm_on_one_rank_stops_all_at_the_same_step(tmp_path):
     proc = launch(md5, argv)
     # Rank 0 prints epoch 1's row before epoch 2 starts: the signal lands in epoch 2, and
     # before its step 25, the ranks' first vote on a stop, however fast the host
-    for line in proc.stdout:
-        if line.startswith("epoch 1 lr"):
-            break
-    else:
-        pytest.fail(f"the run ended before epoch 2: {proc.communicate()}")
+    wait_for_line(proc, "epoch 1 lr")
     os.kill(worker_pids(proc.pid)[-1], signal.SIGTERM)  # one rank only
     out, err = proc.communicate(timeout=300)
     assert out.count("stopped by signal 15") == 1, out + err  # saved once, by rank 0
@@ -157,10 +153,7 @@ def test_rank_0_holds_the_run_folder(tmp_path):
             "--epochs", 1000, *TINY]  # fmt: skip
     job = launch(md5, argv)
     try:
-        deadline = time.time() + 600  # only for a hang: rank 0 locks the folder, then logs
-        while not (save / "log.csv").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        assert (save / "log.csv").exists(), "the torchrun job logged nothing in 10 minutes"
+        wait_for_rows(save / "log.csv", 1, job)  # rank 0 locks the folder, then logs
         second = launch(md5, [*argv, "--resume"], nproc=0)
         _, err = second.communicate(timeout=300)
         assert second.returncode == 2 and f"error: --save {save}: in use by pid " in err, err

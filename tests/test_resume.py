@@ -6,8 +6,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -21,23 +19,13 @@ from test_train import (
     snapshot,
     subprocess_train,
     wait_for_line,
+    wait_for_rows,
 )
 
 import recipes
 import train
 
 RECIPE = recipes.recipe("densenet", "mnist")
-
-
-def wait_for_rows(log: Path, rows: int, proc: subprocess.Popen) -> None:
-    """Until the running train.py has logged this many epochs (a deadline only for a hang:
-    on a slow host, beside the other test processes, two tiny epochs took over 2 minutes)."""
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and log.read_bytes().count(b"\n") > rows:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{log}: fewer than {rows} rows in time")
 
 
 def test_one_process_writes_a_run_and_a_killed_one_leaves_no_lock(tmp_path):

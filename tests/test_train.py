@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -340,6 +341,17 @@ def wait_for_line(proc: subprocess.Popen, start: str) -> None:
         if line.startswith(start):
             return
     pytest.fail(f"the run ended without a line starting {start!r}: {proc.communicate()}")
+
+
+def wait_for_rows(log: Path, rows: int, proc: subprocess.Popen) -> None:
+    """Until the running train.py has logged this many epochs (a deadline only for a hang:
+    on a slow host, beside the other test processes, two tiny epochs took over 2 minutes)."""
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and log.read_bytes().count(b"\n") > rows:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{log}: fewer than {rows} rows in time")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
