@@ -4,6 +4,7 @@ compiling with an eager fallback."""
 
 import copy
 import ctypes
+import itertools
 import os
 import signal
 import sys
@@ -250,8 +251,10 @@ def evaluate(model, batches: data.BatchSource, amp: str, top5: bool, world: int 
 
 def train_epoch(model, opt, scaler, batches: data.BatchSource, sums: torch.Tensor, *,
                 amp: str, top5: bool, start: int = 0, stop: Stop | None = None,
-                group: dist.ProcessGroup | None = None, progress: bool = False):  # fmt: skip
-    """Steps start.. of this epoch; returns (sums, steps done, signal number or 0).
+                group: dist.ProcessGroup | None = None, progress: bool = False,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None):  # fmt: skip
+    """Steps start.. of this epoch; returns (sums, steps done, signal number or 0). A
+    scheduler given is stepped after every step (a per-step lr schedule).
 
     Metrics accumulate on the device; the host syncs only for the progress bar."""
     model.train()
@@ -259,6 +262,8 @@ def train_epoch(model, opt, scaler, batches: data.BatchSource, sums: torch.Tenso
     step, signum, t0 = start, 0, time.perf_counter()
     for x, y in batches.epoch(start):
         out = train_step(model, opt, scaler, x, y, amp)
+        if scheduler is not None:
+            scheduler.step()
         sums += metrics(out, y, top5)
         step += 1
         bar.update()
@@ -276,36 +281,71 @@ def train_epoch(model, opt, scaler, batches: data.BatchSource, sums: torch.Tenso
 # ----------------------------------------------------------------------------- compile
 
 
+@contextmanager
+def leaves_no_trace(net: nn.Module, train: data.BatchSource, opt=None) -> Iterator[None]:
+    """Whatever runs inside leaves the run as it was: net's weights and buffers, its
+    gradients, the optimizer's state, every random stream and the data generator."""
+    saved, rng = copy.deepcopy(net.state_dict()), runstate.rng_state()
+    drawn = train.generator.get_state()
+    opt_saved = copy.deepcopy(opt.state_dict()) if opt is not None else None
+    try:
+        yield
+    finally:
+        net.load_state_dict(saved)
+        net.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.load_state_dict(opt_saved)
+        runstate.set_rng_state(rng)
+        train.generator.set_state(drawn)
+
+
 def compile_or_eager(model: nn.Module, net: nn.Module, mode: str, train: data.BatchSource,
                      amp: str, world: int = 1) -> tuple[nn.Module, str | None]:  # fmt: skip
     """torch.compile(model), tried on one training and one evaluation batch before the
     run; if compiling fails (no Triton, an unsupported GPU, a Dynamo error) the eager
-    model and the reason, in one line. The trial leaves no trace: net's weights and
-    buffers, its gradients and every random stream are as they were."""
+    model and the reason, in one line. The trial leaves no trace (leaves_no_trace)."""
     compiled = torch.compile(model, mode=mode)
-    saved, rng = copy.deepcopy(net.state_dict()), runstate.rng_state()
-    drawn = train.generator.get_state()
-    x, y = next(iter(train.epoch()))
-    train.generator.set_state(drawn)
     failure = None
-    try:
-        with model.no_sync() if world > 1 else nullcontext():
-            compiled.train()
-            with autocast(amp, x.device):
-                F.cross_entropy(compiled(x), y).backward()
-            compiled.eval()
-            with torch.no_grad(), autocast(amp, x.device):
-                compiled(x)
-    except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
-        failure = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    with leaves_no_trace(net, train):
+        x, y = next(iter(train.epoch()))
+        try:
+            with model.no_sync() if world > 1 else nullcontext():
+                compiled.train()
+                with autocast(amp, x.device):
+                    F.cross_entropy(compiled(x), y).backward()
+                compiled.eval()
+                with torch.no_grad(), autocast(amp, x.device):
+                    compiled(x)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+            failure = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
     if world > 1:  # every rank runs the same way
         flag = torch.tensor([failure is not None], dtype=torch.int32)
         dist.all_reduce(flag, group=dist.new_group(backend="gloo"))
         failure = failure or ("failed on another rank" if flag.item() else None)
-    net.load_state_dict(saved)
-    net.zero_grad(set_to_none=True)
-    runstate.set_rng_state(rng)
     return (model, failure) if failure else (compiled, None)
+
+
+def step_times(models: dict[str, nn.Module], net: nn.Module, opt, scaler,
+               train: data.BatchSource, amp: str, steps: int,
+               warmup: int = 1) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds of `steps` whole training steps (train_step) of each model, after `warmup`
+    untimed ones, on the run's first batches: rounds interleave the models, each round
+    one batch for all. net is the module the models share; the run is left as it was
+    (leaves_no_trace), so it goes on bit for bit as if nothing had been timed."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with leaves_no_trace(net, train, opt):
+        batches = itertools.cycle(itertools.islice(train.epoch(), warmup + steps))
+        for i in range(warmup + steps):
+            x, y = next(batches)
+            for name, model in models.items():
+                model.train()
+                t0 = time.perf_counter()
+                train_step(model, opt, scaler, x, y, amp)
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+    return times
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -216,7 +216,7 @@ def prepare(name: str, batch: int, mode: Mode, device: torch.device, size: int |
     if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    opt, _ = train.build_optimizer(train_settings(device), model)
+    opt = train.build_optimizer(train_settings(device), model)
     scaler = torch.amp.GradScaler(device.type, enabled=mode.amp == "fp16")
     return model, opt, scaler, x, y
 

@@ -9,6 +9,7 @@ paths, the rules that derive one setting from another, the checkpoint's settings
 import argparse
 import math
 import platform
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -113,7 +114,15 @@ def recipe(model: str, dataset: str, dirac_version: int = 2) -> dict:
     return dict(table.get(dataset, table["*"]))
 
 
-SCHEDULES = ("lua", "diracnet", "every30")
+SCHEDULES = ("lua", "diracnet", "every30", "cosine")
+# Schedules whose lr changes every training step (the others change it between epochs).
+PER_STEP = ("cosine",)
+
+
+def cosine(step: int, total: int) -> float:
+    """The lr factor at training step `step` (from 0) of `total`: half a cosine from 1 to 0,
+    lr = lr0 (1 + cos(pi t / T)) / 2, as ajbrock/FreezeOut's trainer anneals per iteration."""
+    return (1 + math.cos(math.pi * step / total)) / 2
 
 
 def lr_drops(schedule: str, fractions: Sequence[float], epochs: int) -> list[int]:
@@ -176,18 +185,16 @@ def device_defaults(caps: Capabilities) -> dict:
     """The fast paths a device gets by default: a pure function of its capabilities.
 
     CUDA: bf16 where native, else fp16 with a GradScaler; channels_last; compiled where
-    Triton runs. CPU: bf16 only where native (else fp32); channels_last; compiled where
-    bf16 is native: DenseNet-BC-100-12 at batch 64 trained 1.32x faster compiled than eager
-    on an AMD EPYC with AVX-512 BF16 (2 cores, 2026-12-04) and 1.26x on an Intel Xeon with
-    AMX (issue 21); not measured on an AVX2-only CPU, which stays eager. A short CPU run
-    stays eager too (CPU_COMPILE_MIN_STEPS). MPS: fp32, NCHW, eager (README).
+    Triton runs. CPU: bf16 only where native (else fp32); channels_last; compiling is a
+    candidate that the run's own first steps decide (measures_compile, choose_compile),
+    since the faster mode differs between CPUs with the same flags. MPS: fp32, NCHW, eager.
     """
     if caps.device_type == "cuda":
         amp = "bf16" if caps.native_bf16 else "fp16"
         return {"amp": amp, "channels_last": True, "compile": caps.compiles}
     if caps.device_type == "cpu":
         amp = "bf16" if caps.native_bf16 else "off"
-        return {"amp": amp, "channels_last": True, "compile": caps.native_bf16}
+        return {"amp": amp, "channels_last": True, "compile": caps.compiles}
     return {"amp": "off", "channels_last": False, "compile": False}
 
 
@@ -196,6 +203,13 @@ def device_defaults(caps: Capabilities) -> dict:
 # 600-850 steps. A CPU run with fewer training steps left than this is not compiled by
 # default (given --compile, it is).
 CPU_COMPILE_MIN_STEPS = 1000
+# Where the CPU compiles by default, the run times this many training steps of each mode
+# (after one untimed step each) and keeps compiling only if the median compiled step is at
+# least COMPILE_MARGIN times as fast as the eager one: a smaller gain does not pay for what
+# a compiled run costs again at every --resume, a new compile (173 s for DenseNet-BC-100-12
+# on 2 cores of an AMD EPYC Zen 4, 2026-12-07), nor for a few noisy steps misjudging it.
+COMPILE_TIMED_STEPS = 5
+COMPILE_MARGIN = 1.05
 
 
 def compile_pays(a: argparse.Namespace, device_type: str, steps_left: int) -> bool:
@@ -204,6 +218,27 @@ def compile_pays(a: argparse.Namespace, device_type: str, steps_left: int) -> bo
     steps left stays eager."""
     short = device_type == "cpu" and steps_left < CPU_COMPILE_MIN_STEPS
     return a.compile and not ("compile" in a.device_chose and short)
+
+
+def measures_compile(a: argparse.Namespace, device_type: str) -> bool:
+    """Whether the run times compiled against eager steps before choosing: on the CPU, where
+    compiling was the device's choice (not typed, not a resumed run's recorded choice)."""
+    return device_type == "cpu" and a.compile and "compile" in a.device_chose
+
+
+def choose_compile(eager: Sequence[float], compiled: Sequence[float]) -> dict:
+    """The choice from step times in seconds: the medians, compiled's speed-up over eager,
+    and whether to compile (a speed-up of at least COMPILE_MARGIN)."""
+    e, c = statistics.median(eager), statistics.median(compiled)
+    return {"eager_step_s": e, "compiled_step_s": c, "speedup": e / c, "steps": len(eager),
+            "margin": COMPILE_MARGIN, "compile": e / c >= COMPILE_MARGIN}  # fmt: skip
+
+
+def compile_line(choice: dict) -> str:
+    """The console's line for a measured choice, e.g. "compile: 0.81x eager here (5 steps
+    each), training eagerly"."""
+    then = "compiling" if choice["compile"] else "training eagerly"
+    return f"compile: {choice['speedup']:.2f}x eager here ({choice['steps']} steps each), {then}"
 
 
 # Representative devices, for --help.
@@ -330,7 +365,8 @@ def _training_and_run_flags(p: argparse.ArgumentParser, add) -> None:
     add(o, "--nesterov", action=on_off, help="Nesterov momentum")
     add(o, "--weight-decay", type=float, help="L2 weight decay")
     add(o, "--schedule", choices=SCHEDULES,
-        help="lr schedule rule: lua (DenseNet's code), diracnet (its code), every30 (ImageNet)")
+        help="lr schedule rule: lua (DenseNet's code), diracnet (its code), every30 (ImageNet), "
+             "cosine (half a cosine from --lr to 0, every step; log.csv's lr: each epoch's first step's)")
     add(o, "--milestones", type=float, nargs="*", help="lr drops, as fractions of the epochs")
     add(o, "--gamma", type=float, help="lr factor at each drop")
     add(o, "--restart-momentum", action=on_off,
@@ -339,7 +375,9 @@ def _training_and_run_flags(p: argparse.ArgumentParser, add) -> None:
     f = p.add_argument_group("speed (defaults depend on the device)")
     add(f, "--amp", choices=("off", "bf16", "fp16"), device=True, help="autocast dtype")
     add(f, "--channels-last", action=on_off, device=True, help="NHWC memory layout")
-    add(f, "--compile", action=on_off, device=True, help="torch.compile the model")
+    add(f, "--compile", action=on_off, device=True, help="torch.compile the model",
+        shown="CUDA sm70+: on; CPU: the faster of compiled and eager, timed on the run's first "
+              f"steps (eager under {CPU_COMPILE_MIN_STEPS} steps); MPS: off")
     add(f, "--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
         help="torch.compile mode (reduce-overhead: CUDA graphs)")
     add(f, "--sync-bn", action=true, help="SyncBatchNorm over ranks (CUDA; turns off --compile)")
@@ -414,7 +452,9 @@ def resolve(
     notes = []
     # Rules: one setting derived from another, unless given or resumed.
     s.setdefault("drop_rate", 0.0 if s["augment"] else 0.2)  # paper: dropout only without
-    s.setdefault("restart_momentum", s["model"] == "diracnet")
+    s.setdefault("restart_momentum", s["model"] == "diracnet" and s["schedule"] not in PER_STEP)
+    s.setdefault("compile_measured", None)  # the timed choice (train.faster), kept on --resume
+    _schedule_rules(s, given)
     if s["sync_bn"] and s["compile"]:
         notes.append("--sync-bn: compile is off (SyncBatchNorm syncs with the host and breaks graphs)")
         s["compile"] = False
@@ -423,6 +463,18 @@ def resolve(
     _check(s, caps)
     unset = {action.dest: None for action in parser()._actions if action.dest != "help"}
     return argparse.Namespace(**{**unset, **s}), notes
+
+
+def _schedule_rules(s: dict, given: dict) -> None:
+    """Cosine has no drops: --milestones, --gamma and --restart-momentum are refused with it,
+    and the settings record none."""
+    if s["schedule"] not in PER_STEP:
+        return
+    clash = [k for k in ("milestones", "gamma") if k in given]
+    clash += ["restart-momentum"] * bool(given.get("restart_momentum"))  # --no-... agrees
+    if clash:
+        raise UserError(f"--{clash[0]}: --schedule {s['schedule']} changes the lr every step and has no drops")
+    s["milestones"], s["gamma"], s["restart_momentum"] = [], None, False
 
 
 def _shared_stats_rules(s: dict, caps: Capabilities, given: dict, notes: list[str]) -> None:

@@ -223,6 +223,7 @@ class RunState:
     sums: torch.Tensor = field(default=None)  # this epoch's metric sums (engine.metrics)
     data_rng: torch.Tensor = field(default=None)  # data_generator's state at epoch start
     log: list[dict] = field(default_factory=list)  # log.csv's rows of the epochs done
+    per_step: int = 0  # training steps an epoch where the scheduler steps every step, else 0
 
     def __post_init__(self) -> None:
         self.sums = self.zero_sums()
@@ -237,6 +238,14 @@ class RunState:
         self.epoch, self.step, self.seconds = self.epoch + 1, 0, 0.0
         self.sums = self.zero_sums()
         self.data_rng = self.data_generator.get_state()
+
+    def epoch_lr(self) -> float:
+        """The lr of the current epoch's first step (log.csv's lr column), also when resumed
+        in the middle of a per-step schedule's epoch."""
+        if not self.per_step:
+            return self.optimizer.param_groups[0]["lr"]
+        first = self.epoch * self.per_step
+        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](first)
 
     def state_dict(self) -> dict:
         """The checkpoint's contents (collective under torchrun)."""
@@ -260,7 +269,8 @@ class RunState:
         self._load_optimizer(ckpt["optimizer"]["state"], ckpt["optimizer"]["param_groups"])
         with warnings.catch_warnings():  # stepped without optimizer steps, on purpose
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-            for _ in range(ckpt["epoch"]):
+            steps = ckpt["epoch"] * self.per_step + ckpt["step"] if self.per_step else ckpt["epoch"]
+            for _ in range(steps):
                 self.scheduler.step()  # the lr exactly as a run never stopped computes it
         if ckpt["scaler"]:  # empty from a run without fp16: this one starts its scaler afresh
             self.scaler.load_state_dict(ckpt["scaler"])

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -157,47 +158,75 @@ def build_data(a, place: Placement) -> tuple[data.DatasetInfo, data.BatchSource,
     return info, train, evals
 
 
-def build_optimizer(a, model: nn.Module):
-    """SGD and the recipe's schedule rule (recipes.lr_drops); fused on CUDA (one kernel, and GradScaler
-    then unscales and checks for infs on the device, without a host sync)."""
+def build_optimizer(a, model: nn.Module) -> torch.optim.SGD:
+    """SGD as the recipe sets it; fused on CUDA (one kernel, and GradScaler then unscales and
+    checks for infs on the device, without a host sync)."""
     if a.model == "diracnet":  # decay on conv and linear weights only (official recipe)
         params = diracnet.weight_decay_groups(model, a.weight_decay)
     else:
         params = [{"params": list(model.parameters()), "weight_decay": a.weight_decay}]
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     try:  # SGD checks lr, momentum and weight decay itself
-        opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov, **fused)
+        return torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov, **fused)
     except ValueError as e:
         raise UserError(f"{e} (--lr, --momentum, --weight-decay, --nesterov)") from None
+
+
+def build_scheduler(a, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    """The recipe's lr schedule: stepped once an epoch at the official code's drops
+    (recipes.lr_drops), or under cosine once a training step (recipes.cosine)."""
+    if a.schedule == "cosine":
+        total = a.epochs * steps_per_epoch
+        return torch.optim.lr_scheduler.LambdaLR(opt, partial(recipes.cosine, total=total))
     drops = recipes.lr_drops(a.schedule, a.milestones, a.epochs)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, drops, gamma=a.gamma)
-    return opt, sched
+    return torch.optim.lr_scheduler.MultiStepLR(opt, drops, gamma=a.gamma)
 
 
 def model_and_optimizer(a, info: data.DatasetInfo, device: torch.device) -> tuple:
-    """(net, optimizer, scheduler): every model and optimizer flag checked."""
+    """(net, optimizer): every model and optimizer flag checked."""
     net = build_model(a, info, device)
-    return (net, *build_optimizer(a, net))
+    return net, build_optimizer(a, net)
 
 
-def wrap(net: nn.Module, a, place: Placement, train: data.BatchSource) -> nn.Module:
-    """The model the loop calls: net under DDP and torch.compile as asked; a compiler that
-    fails is reported in one line and the run continues eagerly."""
-    model = net
+def wrap(a, place: Placement, state: runstate.RunState, train: data.BatchSource) -> nn.Module:
+    """The model the loop calls: the net under DDP and torch.compile as asked; a compiler
+    that fails is reported in one line and the run continues eagerly. Where the CPU chose
+    compiling, compiled and eager steps are timed first and the faster one kept."""
+    net = model = state.model
     if place.world > 1:
         ids = [place.device.index] if place.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     if not a.compile:
         return model
     t0 = time.perf_counter()
-    model, failure = engine.compile_or_eager(model, net, a.compile_mode, train, a.amp, place.world)
+    compiled, failure = engine.compile_or_eager(model, net, a.compile_mode, train, a.amp, place.world)
     if failure:
         a.compile = False  # args.json says what runs
     if place.rank == 0 and failure:
         print(f"warning: torch.compile failed, training eagerly: {failure}", file=sys.stderr)
     elif place.rank == 0:
         print(f"compiled the model in {time.perf_counter() - t0:.0f} s", flush=True)
-    return model
+    if failure or not recipes.measures_compile(a, place.device.type):
+        return compiled
+    return faster(a, place, state, train, {"eager": model, "compiled": compiled})
+
+
+def faster(a, place: Placement, state: runstate.RunState, train: data.BatchSource,
+           models: dict[str, nn.Module]) -> nn.Module:  # fmt: skip
+    """The faster of the eager and the compiled model on this machine, timed on the run's
+    first batches without changing the run; args.json records the figures (a.compile_measured)."""
+    times = engine.step_times(models, state.model, state.optimizer, state.scaler, train, a.amp,
+                              recipes.COMPILE_TIMED_STEPS)  # fmt: skip
+    choice = recipes.choose_compile(times["eager"], times["compiled"])
+    if place.world > 1:  # every rank takes rank 0's choice
+        choice = on_rank0(place, lambda: choice)
+    a.compile, a.compile_measured = choice["compile"], choice
+    if place.rank == 0:
+        print(recipes.compile_line(choice), flush=True)
+    if a.compile:
+        return models["compiled"]
+    torch.compiler.reset()  # free the compiled graphs
+    return models["eager"]
 
 
 # ----------------------------------------------------------------------------- run files
@@ -333,11 +362,12 @@ def fit(a, state: runstate.RunState, model: nn.Module, train: data.BatchSource, 
     group = dist.new_group(backend="gloo") if world > 1 else None  # stop votes, on the CPU
     while state.epoch < a.epochs:
         # Train: the rest of this epoch (all of it unless resumed mid-epoch).
-        lr = state.optimizer.param_groups[0]["lr"]
+        lr = state.epoch_lr()
         t0 = time.perf_counter()
         state.sums, state.step, signum = engine.train_epoch(
             model, state.optimizer, state.scaler, train, state.sums, amp=a.amp, top5=top5,
             start=state.step, stop=stop, group=group, progress=out.tty,
+            scheduler=state.scheduler if state.per_step else None,
         )  # fmt: skip
         state.seconds += time.perf_counter() - t0
         if not torch.isfinite(state.sums[0]):
@@ -355,9 +385,10 @@ def fit(a, state: runstate.RunState, model: nn.Module, train: data.BatchSource, 
         for name, batches in evals.items():
             row |= engine.summarise(engine.evaluate(model, batches, a.amp, top5, world), name, top5)
         row["seconds"] = state.seconds
-        # Schedule the next epoch's lr; DiracNet's official trainer makes a new optimizer
-        # at each drop, which restarts momentum.
-        state.scheduler.step()
+        # Schedule the next epoch's lr (a per-step schedule stepped in train_epoch);
+        # DiracNet's official trainer makes a new optimizer at each drop, which restarts momentum.
+        if not state.per_step:
+            state.scheduler.step()
         if a.restart_momentum and state.optimizer.param_groups[0]["lr"] != lr:
             state.optimizer.state.clear()
         # Select on validation error only, never on test error.
@@ -412,10 +443,13 @@ def build(a, place: Placement, ckpt: dict | None, notes: list[str]) -> tuple:
     built = model_and_optimizer(a, small, place.device) if small else None
     data.check_folder(Path(a.data_dir))
     info, train_batches, evals = build_data(a, place)
-    net, opt, sched = built or model_and_optimizer(a, info, place.device)
+    net, opt = built or model_and_optimizer(a, info, place.device)
+    sched = build_scheduler(a, opt, len(train_batches))
     scaler = torch.amp.GradScaler(place.device.type, enabled=a.amp == "fp16")
-    state = runstate.RunState(net, opt, sched, scaler, train_batches.generator, place.rank, place.world)
-    a.lr_drops = sorted(sched.milestones.elements())  # as it runs
+    per_step = len(train_batches) if a.schedule in recipes.PER_STEP else 0
+    state = runstate.RunState(net, opt, sched, scaler, train_batches.generator, place.rank,
+                              place.world, per_step=per_step)  # fmt: skip
+    a.lr_drops = [] if per_step else sorted(sched.milestones.elements())  # as it runs
     if ckpt is not None:
         state.load_state_dict(ckpt)
         notes += filter(None, [schedule_line(ckpt, state, a.lr_drops)])
@@ -424,7 +458,7 @@ def build(a, place: Placement, ckpt: dict | None, notes: list[str]) -> tuple:
         a.compile = False
         notes.append(f"compile off: {steps_left} training steps left are too few to pay back "
                      f"compiling on the CPU (--compile compiles anyway)")  # fmt: skip
-    return state, wrap(net, a, place, train_batches), info, train_batches, evals
+    return state, wrap(a, place, state, train_batches), info, train_batches, evals
 
 
 def train(given: dict, place: Placement) -> int:

@@ -134,7 +134,7 @@ def fast_paths() -> reference.Comparison:
         name: reference.Path({"memory_efficient": mode.memory_efficient}, mode.channels_last, mode.amp)
         for name, mode in FAST.items()
     }
-    optimizer = lambda model: train.build_optimizer(recipe, model)[0]  # noqa: E731
+    optimizer = lambda model: train.build_optimizer(recipe, model)  # noqa: E731
     return reference.compare(measuring.MODELS["tiny"][0], x, y, 2, paths, optimizer)
 
 

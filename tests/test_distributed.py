@@ -150,7 +150,7 @@ def test_rank_0_holds_the_run_folder(tmp_path):
     data, md5 = cifar(tmp_path, n_train=128, n_test=40)
     save = tmp_path / "run"
     argv = ["--dataset", "cifar10", "--data-dir", data, "--save", save, "--batch-size", 32,
-            "--epochs", 1000, *TINY]  # fmt: skip
+            "--epochs", 1000, "--no-compile", *TINY]  # fmt: skip
     job = launch(md5, argv)
     try:
         wait_for_rows(save / "log.csv", 1, job)  # rank 0 locks the folder, then logs

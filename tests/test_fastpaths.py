@@ -4,6 +4,7 @@ args.json."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -175,3 +176,73 @@ def test_shared_stats_flag_converts_the_model_and_is_recorded(tmp_path, capsys):
             isinstance(b, train.sharedstats.SharedStatsBlock) == args["shared_stats"]
             for b in blocks
         )
+
+
+def tiny_training(seed: int = 0):
+    """A DenseNet with dropout, SGD with momentum and augmented batches: every piece of
+    state that timing steps could disturb."""
+    torch.manual_seed(seed)
+    net = train.densenet.densenet_cifar(10, 4, drop_rate=0.2, num_classes=10, in_channels=1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    split = train.data.Split(torch.randint(0, 256, (96, 1, 28, 28), dtype=torch.uint8, generator=g),
+                             torch.randint(0, 10, (96,), generator=g))  # fmt: skip
+    batches = train.data.Batches(split, 32, train=True, augment=True, crop_pad=2, flip=True)
+    return net, opt, torch.amp.GradScaler("cpu", enabled=False), batches
+
+
+def test_timing_steps_leaves_the_run_bit_for_bit_as_it_was():
+    """Two runs from one seed, one with a step in, then timed steps (more than an epoch's
+    batches, so the epoch's draws repeat), then both go on: the same weights, momentum,
+    random streams and batches, bit for bit."""
+    runs, rng = [tiny_training(), tiny_training()], []
+    for i, (net, opt, scaler, batches) in enumerate(runs):
+        torch.manual_seed(1)  # each run's dropout draws from the same stream
+        x, y = next(iter(batches.epoch()))
+        engine.train_step(net, opt, scaler, x, y, "off")  # momentum buffers exist
+        if i == 1:
+            times = engine.step_times({"a": net, "b": net}, net, opt, scaler, batches, "off", 4)
+            assert [len(t) for t in times.values()] == [4, 4] and all(
+                t > 0 for ts in times.values() for t in ts
+            )
+        sums = torch.zeros(4)
+        engine.train_epoch(net, opt, scaler, batches, sums, amp="off", top5=False)
+        rng.append(torch.get_rng_state())
+    (a, opt_a, *_, ba), (b, opt_b, *_, bb) = runs
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(opt_a.state[p]["momentum_buffer"], opt_b.state[q]["momentum_buffer"])
+    assert torch.equal(*rng)
+    assert torch.equal(ba.generator.get_state(), bb.generator.get_state())
+
+
+def test_a_long_cpu_run_times_compiling_and_records_the_choice(tmp_path):
+    """A real decision on a tiny model: over CPU_COMPILE_MIN_STEPS steps, compiling not
+    typed, the run compiles, times 5 steps each way, says what it chose in one line and
+    records the figures; its first epoch is bit for bit that of a run given the chosen mode."""
+    argv, save = mnist_run(tmp_path)  # 2 steps an epoch: 500 epochs make 1,000 steps
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # the reference reuses kernels
+
+    def first_epoch(extra: list[str]) -> str:
+        proc = subprocess_train([*argv, "--epochs", "500", *extra], env)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("epoch 1 lr"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        return "".join(lines)
+
+    out = first_epoch([])
+    args = json.loads((save / "args.json").read_text())
+    choice = args["compile_measured"]
+    assert args["compile"] is choice["compile"] is (choice["speedup"] >= recipes.COMPILE_MARGIN)
+    assert choice["speedup"] == pytest.approx(choice["eager_step_s"] / choice["compiled_step_s"])
+    assert recipes.compile_line(choice) + "\n" in out and "compiled the model in" in out
+    assert f"compile {'default' if choice['compile'] else 'off'}, epoch 1 of 500" in out
+    ref = tmp_path / "ref"
+    first_epoch(["--save", str(ref), "--compile" if choice["compile"] else "--no-compile"])
+    logs = [pd.read_csv(d / "log.csv").drop(columns="seconds").head(1) for d in (save, ref)]
+    pd.testing.assert_frame_equal(*logs, check_exact=True)

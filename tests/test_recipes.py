@@ -2,6 +2,7 @@
 schedules."""
 
 import argparse
+import math
 from decimal import Decimal
 from pathlib import Path
 
@@ -30,7 +31,7 @@ CAPABILITY_CASES = [
     (recipes.Capabilities("cuda", False, True), {"amp": "fp16", "channels_last": True, "compile": True}),
     (recipes.Capabilities("cuda", False, False), {"amp": "fp16", "channels_last": True, "compile": False}),
     (recipes.Capabilities("cpu", True, True), {"amp": "bf16", "channels_last": True, "compile": True}),
-    (recipes.Capabilities("cpu", False, True), {"amp": "off", "channels_last": True, "compile": False}),
+    (recipes.Capabilities("cpu", False, True), {"amp": "off", "channels_last": True, "compile": True}),
     (recipes.Capabilities("mps", False, False), {"amp": "off", "channels_last": False, "compile": False}),
 ]
 
@@ -43,19 +44,46 @@ def test_fast_path_defaults_follow_the_device(caps, expected):
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_a_cpu_compiles_by_default_only_where_it_pays(native_bf16):
-    """Compiled by default only on a CPU with native bf16 and for a run long enough to pay
-    back the compile time; --compile typed always compiles."""
+def test_a_cpu_times_compiling_by_default_where_it_could_pay(native_bf16):
+    """Every CPU is a candidate for compiling by default, timed against eager; a run too short
+    to pay back the compile time stays eager; --compile or --no-compile typed, or the choice
+    a resumed run recorded, is kept without timing."""
     caps = recipes.Capabilities("cpu", native_bf16, True)
     a, _ = recipes.resolve({}, caps)
-    assert "compile" in a.device_chose
+    assert "compile" in a.device_chose and a.compile_measured is None
     long, short = recipes.CPU_COMPILE_MIN_STEPS, recipes.CPU_COMPILE_MIN_STEPS - 1
-    assert recipes.compile_pays(a, "cpu", long) is native_bf16
+    assert recipes.compile_pays(a, "cpu", long) and recipes.measures_compile(a, "cpu")
     assert recipes.compile_pays(a, "cpu", short) is False
-    typed, _ = recipes.resolve({"compile": True}, caps)
-    assert "compile" not in typed.device_chose and recipes.compile_pays(typed, "cpu", 1)
+    for flag in (True, False):
+        typed, _ = recipes.resolve({"compile": flag}, caps)
+        assert typed.compile is flag and not recipes.measures_compile(typed, "cpu")
+        assert recipes.compile_pays(typed, "cpu", 1) is flag
+    choice = recipes.choose_compile([1.0] * 5, [2.0] * 5)
+    resumed, _ = recipes.resolve({}, caps, old={"compile": False, "compile_measured": choice})
+    assert resumed.compile is False and resumed.compile_measured == choice
+    assert not recipes.measures_compile(resumed, "cpu")
     cuda, _ = recipes.resolve({}, recipes.Capabilities("cuda", True, True))
-    assert recipes.compile_pays(cuda, "cuda", 1)
+    assert recipes.compile_pays(cuda, "cuda", 1) and not recipes.measures_compile(cuda, "cuda")
+
+
+# Step times in seconds, as a host might measure them: (eager, compiled, compiles?)
+TIMINGS = [
+    ([0.80, 0.82, 0.79, 0.81, 0.90], [0.60, 0.61, 0.95, 0.62, 0.60], True),  # 1.32x; one slow step
+    ([0.60, 0.62, 0.61, 0.63, 0.60], [0.76, 0.77, 0.75, 0.78, 0.76], False),  # 0.80x (Zen 4)
+    ([1.00, 1.00, 1.00, 1.00, 1.00], [0.96, 0.96, 0.96, 0.96, 0.96], False),  # 1.04x: in the noise
+    ([1.05, 1.05, 1.05, 1.05, 1.05], [1.00, 1.00, 1.00, 1.00, 1.00], True),  # 1.05x: the margin
+]
+
+
+@pytest.mark.parametrize(("eager", "compiled", "compiles"), TIMINGS)
+def test_the_cpu_compiles_where_the_median_step_is_faster_by_the_margin(eager, compiled, compiles):
+    choice = recipes.choose_compile(eager, compiled)
+    speedup = sorted(eager)[2] / sorted(compiled)[2]
+    assert choice["compile"] is compiles and choice["speedup"] == pytest.approx(speedup)
+    assert choice["steps"] == 5 and choice["margin"] == recipes.COMPILE_MARGIN
+    line = recipes.compile_line(choice)
+    assert line == (f"compile: {speedup:.2f}x eager here (5 steps each), "
+                    f"{'compiling' if compiles else 'training eagerly'}")  # fmt: skip
 
 
 def test_this_cpu_is_probed_from_its_flags():
@@ -75,7 +103,8 @@ def lr_drops(given: dict) -> tuple[list[int], "argparse.Namespace"]:
     """The 0-indexed epochs that start at a lower lr under the resolved recipe."""
     a, _ = recipes.resolve(given, recipes.Capabilities("cpu", False, True))
     net = torch.nn.Linear(2, 2)
-    opt, sched = train.build_optimizer(a, net)
+    opt = train.build_optimizer(a, net)
+    sched = train.build_scheduler(a, opt, 1)
     drops, lr = [], opt.param_groups[0]["lr"]
     for epoch in range(a.epochs):
         if opt.param_groups[0]["lr"] != lr:
@@ -135,7 +164,8 @@ def diracnet_lrs(n: int, fractions: list[float]) -> list[float]:
 def trained_lrs(given: dict) -> list[float]:
     """The lr of every epoch as train.py's optimizer and scheduler set it."""
     a, _ = recipes.resolve(given, recipes.Capabilities("cpu", False, True))
-    opt, sched = train.build_optimizer(a, torch.nn.Linear(2, 2))
+    opt = train.build_optimizer(a, torch.nn.Linear(2, 2))
+    sched = train.build_scheduler(a, opt, 1)
     lrs = []
     for _ in range(a.epochs):
         lrs.append(opt.param_groups[0]["lr"])
@@ -152,6 +182,38 @@ def test_schedules_follow_the_official_rules_for_any_length():
         assert imagenet == pytest.approx([lua_imagenet_lr(e, n) for e in epochs]), n
         dirac = trained_lrs({"epochs": n, "model": "diracnet"})
         assert dirac == pytest.approx(diracnet_lrs(n, [0.3, 0.6, 0.8])), n
+
+
+def test_cosine_anneals_every_step_from_lr_to_zero_for_any_length():
+    """lr at step t of T = lr0 (1 + cos(pi t / T)) / 2, T = epochs x steps an epoch, written
+    out here from the formula, for many lengths and batch counts."""
+    cpu = recipes.Capabilities("cpu", False, True)
+    for epochs, per_epoch in [(1, 1), (1, 7), (3, 5), (40, 3), (100, 2), (7, 13)]:
+        a, _ = recipes.resolve({"schedule": "cosine", "epochs": epochs, "lr": 0.1}, cpu)
+        opt = train.build_optimizer(a, torch.nn.Linear(2, 2))
+        sched = train.build_scheduler(a, opt, per_epoch)
+        total, lrs = epochs * per_epoch, []
+        for _ in range(total):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        expected = [0.1 * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)]
+        assert lrs == pytest.approx(expected, rel=1e-15, abs=0), (epochs, per_epoch)
+        assert lrs[0] == 0.1 and opt.param_groups[0]["lr"] < 1e-17  # 0 after the last step
+        assert a.milestones == [] and a.gamma is None  # args.json records no drops
+
+
+def test_cosine_refuses_drops_in_one_line():
+    cpu = recipes.Capabilities("cpu", False, True)
+    for given, flag in [({"milestones": [0.5]}, "--milestones"), ({"gamma": 0.2}, "--gamma"),
+                        ({"restart_momentum": True}, "--restart-momentum")]:  # fmt: skip
+        with pytest.raises(recipes.UserError, match=f"^{flag}: --schedule cosine .* no drops$"):
+            recipes.resolve({"schedule": "cosine", **given}, cpu)
+    # a DiracNet's momentum restart is a rule of its drops: off under cosine
+    a, _ = recipes.resolve({"schedule": "cosine", "model": "diracnet"}, cpu)
+    assert a.restart_momentum is False
+    a, _ = recipes.resolve({"schedule": "cosine", "restart_momentum": False}, cpu)
+    assert a.restart_momentum is False
 
 
 def test_every30_takes_no_fractions():

@@ -30,6 +30,7 @@ RECIPE = recipes.recipe("densenet", "mnist")
 
 def test_one_process_writes_a_run_and_a_killed_one_leaves_no_lock(tmp_path):
     argv, save = mnist_run(tmp_path)
+    argv = [*argv, "--no-compile"]  # 1,000 steps: not timed against compiling
     first = subprocess_train([*argv, "--epochs", "500"])
     try:
         wait_for_rows(save / "log.csv", 2, first)

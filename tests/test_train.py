@@ -1,6 +1,7 @@
 """train.py end to end on tiny synthetic datasets in torchvision's real on-disk formats."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -371,6 +372,26 @@ def test_resume_after_a_signal_mid_epoch_is_bit_exact(tmp_path, signum):
     resumed = subprocess_train([*argv, "--resume"])
     assert resumed.wait(timeout=300) == 0
     assert_same_run(tmp_path / "ref", save)
+
+
+def test_cosine_resumes_mid_epoch_on_the_same_lr_sequence(tmp_path):
+    """--schedule cosine changes the lr every step: stopped mid-epoch and resumed, the run
+    ends bit for bit as an uninterrupted one, and log.csv's lr is each epoch's first step's."""
+    argv, save = mnist_run(tmp_path, n_train=1280)  # 40 steps per epoch
+    argv = [*argv, "--epochs", "3", "--schedule", "cosine", "--lr", "0.05"]
+    ref = subprocess_train([*argv, "--save", str(tmp_path / "ref")])
+    assert ref.wait(timeout=300) == 0
+    proc = subprocess_train(argv)
+    wait_for_line(proc, "epoch 1 lr")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    assert 0 < final_state(save)["step"] < 40 and final_state(save)["epoch"] == 1  # mid-epoch
+    assert subprocess_train([*argv, "--resume"]).wait(timeout=300) == 0
+    assert_same_run(tmp_path / "ref", save)
+    first_steps = [0.05 * (1 + math.cos(math.pi * e * 40 / 120)) / 2 for e in range(3)]
+    assert list(pd.read_csv(save / "log.csv").lr) == pytest.approx(first_steps, rel=1e-5)
+    args = json.loads((save / "args.json").read_text())
+    assert args["schedule"] == "cosine" and args["milestones"] == [] and args["lr_drops"] == []
 
 
 def test_evaluate_prints_loss_and_error(tmp_path, capsys):
