@@ -240,6 +240,8 @@ def test_a_long_cpu_run_times_compiling_and_records_the_choice(tmp_path):
     choice = args["compile_measured"]
     assert args["compile"] is choice["compile"] is (choice["speedup"] >= recipes.COMPILE_MARGIN)
     assert choice["speedup"] == pytest.approx(choice["eager_step_s"] / choice["compiled_step_s"])
+    # timing_s spans the timed steps: at least 3 of each 5 are as long as their median
+    assert choice["timing_s"] >= 3 * (choice["eager_step_s"] + choice["compiled_step_s"])
     assert recipes.compile_line(choice) + "\n" in out and "compiled the model in" in out
     assert f"compile {'default' if choice['compile'] else 'off'}, epoch 1 of 500" in out
     ref = tmp_path / "ref"
