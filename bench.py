@@ -5,7 +5,7 @@ DenseNets users already have (torchvision's, timm's) beside ours in the same mod
     python bench.py                        # DenseNet-BC-100-12 on CPU; four models on CUDA
     python bench.py --models densenet121   # with torchvision's (and timm's) densenet121
     python bench.py --quick --models tiny  # a small DenseNet-BC in seconds (tests run this)
-    python bench.py --gpu-check            # the GPU check (gpucheck.py): one short command
+    python bench.py --gpu-check            # the GPU check (benchmarks/gpucheck.py)
 
 Each mode (row) runs in a fresh process, so no row inherits another's caches, compiled
 code or memory high-water mark. img/s is the batch over the median step after warm-up.
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-import files
-import gpucheck
-import measuring
-from measuring import MODELS, PEER_OF, Mode, Row, mib, num, ratio
+from benchmarks import gpucheck, measuring
+from benchmarks.measuring import MODELS, PEER_OF, Mode, Row, mib, num, ratio
+from training import files
 
 ROOT = Path(__file__).resolve().parent
 OURS = [name for name in MODELS if name not in PEER_OF]
@@ -234,7 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JSON file or folder (default results/bench-<device>.json)")
     p.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table here")
     p.add_argument("--gpu-check", action="store_true",
-                   help="run the GPU check instead (its options: python gpucheck.py --help)")
+                   help="run the GPU check instead (its options: bench.py --gpu-check --help)")
     # fmt: on
     a = p.parse_args(argv)
     a.device = str(measuring.select_device(a.device))
@@ -277,10 +276,11 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The bench, or with --gpu-check the GPU check (gpucheck.py); a user's error is one line."""
+    """The bench, or with --gpu-check the GPU check (benchmarks/gpucheck.py); a user's error
+    is one line."""
     argv = sys.argv[1:] if argv is None else argv
     if "--gpu-check" in argv:
-        return measuring.command(gpucheck.main, [x for x in argv if x != "--gpu-check"])
+        return measuring.command(gpucheck.run, [x for x in argv if x != "--gpu-check"])
     return measuring.command(run, argv)
 
 

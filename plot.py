@@ -25,8 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-import files
-import seeds
+from training import files, runtables
 
 # Error axes switch to log scale when the largest plotted error exceeds this many
 # times the smallest positive one (e.g. 80% at epoch 1 vs 4% at the end).
@@ -88,7 +87,7 @@ def reported_point(df: pd.DataFrame) -> Reported | None:
     has both."""
     if "test_err" not in df.columns:
         return None
-    row = seeds.best_val_row(df)
+    row = runtables.best_val_row(df)
     if row is not None:
         label = "best val epoch {}: test {:.2f} %"
     else:
@@ -208,14 +207,14 @@ def plot_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, pdf: bool = F
 
 def curves(run_dirs: Sequence[Path | str]) -> list[tuple[str, pd.DataFrame]]:
     """(legend label, log) to draw: each run with data; runs that differ only in their seed
-    (seeds.key) as one mean log with a band."""
+    (runtables.key) as one mean log with a band."""
     runs = []
     for run_dir in map(Path, run_dirs):
         df = load_log(run_dir)
         if df is not None:
-            runs.append(seeds.Run(run_dir, seeds.read_settings(run_dir) or {}, df))
-    return [(run_label(g[0].folder), g[0].log) if len(g) == 1 else seeds.band(g)
-            for g in seeds.group(runs)]  # fmt: skip
+            runs.append(runtables.Run(run_dir, runtables.read_settings(run_dir) or {}, df))
+    return [(run_label(g[0].folder), g[0].log) if len(g) == 1 else runtables.band(g)
+            for g in runtables.group(runs)]  # fmt: skip
 
 
 def figures(runs: list[tuple[str, pd.DataFrame]]) -> tuple[Figure, Figure]:
@@ -313,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         return error(f"no such run folder: {', '.join(missing)}")
     try:  # every run is checked before anything is written
-        table = seeds.table(seeds.load_runs(args.runs)) if args.table else None
-    except seeds.RunError as e:
+        table = runtables.table(runtables.load_runs(args.runs)) if args.table else None
+    except runtables.RunError as e:
         return error(f"--table: {e}")
     try:
         out = files.output(
@@ -333,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         out.undo()
         return error("no run has any logged epochs to plot")
     if table is not None:  # stdout is the table alone
-        print(seeds.markdown(table))
+        print(runtables.markdown(table))
     for path in written:
         print(path, file=sys.stdout if table is None else sys.stderr)
     return 0

@@ -27,17 +27,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import data
 import densenet
 import diracnet
-import engine
-import files
-import paper
 import plot
-import recipes
-import runstate
 import sharedstats
-from recipes import DIRAC_ARCHS, IDENTITY, INVOCATION, UserError
+from training import data, engine, files, paper, recipes, runstate
+from training.recipes import DIRAC_ARCHS, IDENTITY, INVOCATION, UserError
 
 # The failures a user can cause: one line each, never a traceback.
 USER_ERRORS = (UserError, data.DataError, runstate.CheckpointError, files.OutputError)

@@ -29,8 +29,8 @@ from torch.profiler import profile
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import engine
-import measuring
+from benchmarks import measuring
+from training import engine
 
 GROUPS = {  # operator name fragment -> group, first match wins
     "convolution": "convolutions",

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import densenet
 import sharedstats
-from engine import saved_activation_bytes  # the linear-memory test's measure
+from training.engine import saved_activation_bytes  # the linear-memory test's measure
 
 
 def main() -> None:

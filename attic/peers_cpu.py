@@ -26,9 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import densenet
-import engine
-import recipes
 import sharedstats
+from training import engine, recipes
 
 # (name, file, constructor): DenseNet-BC-100-12 for 10 classes in each file's own terms
 PEERS = (

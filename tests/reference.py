@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import engine
+from training import engine
 
 # fp32's unit roundoff: the floor of any fp32 path's distance to float64 (one rounding of
 # the result itself), so a quantity the plain path happens to get exact still has a bound.

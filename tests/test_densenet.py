@@ -12,9 +12,9 @@ import torchvision
 from torch import nn
 
 import densenet as D
-import paper
-from engine import saved_activation_bytes
 from reference import assert_same_computation
+from training import paper
+from training.engine import saved_activation_bytes
 
 
 def n_params(model: nn.Module) -> int:

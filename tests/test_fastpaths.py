@@ -13,10 +13,9 @@ import pytest
 import torch
 from test_train import ROOT, TINY, assert_same_run, mnist_run, run, subprocess_train
 
-import engine
-import recipes
 import synthetic
 import train
+from training import engine, recipes
 
 
 def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
@@ -49,7 +48,8 @@ def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
 
 
 FREE_A_BLOCK = """
-import os, sys, torch, engine
+import os, sys, torch
+from training import engine
 if sys.argv[1] == "keep":
     engine.keep_freed_memory()
 def rss():

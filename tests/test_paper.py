@@ -11,11 +11,10 @@ import pandas as pd
 import pytest
 from torchvision import datasets
 
-import paper
 import plot
-import recipes
 import synthetic
 import train
+from training import paper, recipes
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = recipes.Capabilities("cpu", False, True)

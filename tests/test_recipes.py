@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import recipes
 import train
+from training import recipes
 
 
 def test_every_flag_says_what_it_does_and_its_default():

@@ -22,8 +22,8 @@ from test_train import (
     wait_for_rows,
 )
 
-import recipes
 import train
+from training import recipes
 
 RECIPE = recipes.recipe("densenet", "mnist")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import runstate
 import train
+from training import runstate
 
 
 def tiny_state(seed: int) -> "train.runstate.RunState":

@@ -4,13 +4,13 @@ two processes, and the converter itself."""
 
 import pytest
 import torch
+from test_densenet import _count_calls, _tiny, assert_gradcheck, assert_same_float64_steps
 from torch import nn
 
 import densenet as D
 import reference
 import sharedstats as S
-from engine import saved_activation_bytes
-from test_densenet import _count_calls, _tiny, assert_gradcheck, assert_same_float64_steps
+from training.engine import saved_activation_bytes
 
 
 def _shared(*args, **kwargs) -> D.DenseNet:

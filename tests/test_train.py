@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torchvision import datasets
 
-import recipes
 import synthetic
 import train
+from training import recipes
 
 ROOT = Path(__file__).resolve().parent.parent
 # --device cpu: "auto" on a machine with a CUDA build of torch and no GPU adds a warning line

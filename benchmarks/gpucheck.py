@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The GPU check: one command that turns a lent GPU into results within a time budget.
 
     python bench.py --gpu-check --budget 450                 # on the GPU (README "On a GPU")
@@ -32,14 +31,10 @@ from pathlib import Path
 
 import torch
 
-import data
-import datafiles
-import engine
-import files
-import measuring
-import recipes
-from measuring import Mode
-from recipes import UserError
+from benchmarks import measuring
+from benchmarks.measuring import Mode
+from training import data, datafiles, engine, files, recipes
+from training.recipes import UserError
 
 PARTS = ("modes", "memory", "peers", "overhead", "train", "resume")
 # Whose time is kept first when the budget cannot hold every part: the first rows of the
@@ -47,7 +42,7 @@ PARTS = ("modes", "memory", "peers", "overhead", "train", "resume")
 PRIORITY = ("modes", "memory", "peers", "train", "overhead", "resume")
 ROWS = ("modes", "memory", "peers")  # always tried: each row says when it does not fit
 GROWS = (*ROWS, "train")  # the parts that use more time when there is more (rows, epochs)
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, results/, work/
 SIGTERM_EXIT = 128 + signal.SIGTERM  # what train.py returns after saving on SIGTERM
 # Guessed seconds, (eager, compiled), until one has been seen. CUDA: the first GPU check
 # (results/gpu-check-h200.log; NVIDIA H200, torch 2.11, 2026-12-04): fresh processes reached
@@ -560,8 +555,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def main(argv: list[str]) -> int:
-    """Plan the budget, run the planned parts in order, then print the table."""
+def run(argv: list[str]) -> int:
+    """bench.py --gpu-check: plan the budget, run the planned parts in order, then print the
+    table."""
     a = parse_args(argv)
     device = torch.device(a.device)
     machine = measuring.machine_info(device, a.threads, ["--gpu-check", *argv])
@@ -588,6 +584,3 @@ def main(argv: list[str]) -> int:
         print(f"to measure what was skipped: python bench.py --gpu-check --parts {' '.join(again)}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(measuring.command(main, sys.argv[1:]))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-import paper
+from training import paper
 
 # Settings that do not make runs different experiments: the seed, how this invocation ran
 # (recipes.INVOCATION and the run's own switches), the device's speed choices

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-import data
+from training import data
 
 
 class UserError(Exception):

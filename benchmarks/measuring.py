@@ -26,12 +26,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import densenet
-import engine
-import files
-import recipes
 import sharedstats
 import train
-from recipes import UserError
+from training import engine, files, recipes
+from training.recipes import UserError
 
 try:
     import resource

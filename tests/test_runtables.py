@@ -1,4 +1,4 @@
-"""seeds.py and plot.py --table: runs grouped by their settings except the seed, mean ± std
+"""runtables.py and plot.py --table: runs grouped by their settings except the seed, mean ± std
 over seeds beside the paper, the band in the figures, and every refusal."""
 
 import json
@@ -10,10 +10,8 @@ import pandas as pd
 import pytest
 from matplotlib.collections import PolyCollection
 
-import paper
 import plot
-import recipes
-import seeds
+from training import paper, recipes, runtables
 
 CPU = recipes.Capabilities("cpu", True, True)
 BC_100_12 = {"depth": 100, "growth": 12}  # the default model: DenseNet-BC, C10+
@@ -191,9 +189,9 @@ def test_the_figures_draw_seeds_as_a_band_around_their_mean(tmp_path):
 
 
 def test_settings_that_do_not_make_another_experiment_cover_the_trainers():
-    assert set(recipes.INVOCATION) <= seeds.NOT_COMPARED
-    assert set(recipes.device_defaults(CPU)) | {"device_chose"} <= seeds.NOT_COMPARED
+    assert set(recipes.INVOCATION) <= runtables.NOT_COMPARED
+    assert set(recipes.device_defaults(CPU)) | {"device_chose"} <= runtables.NOT_COMPARED
     a, _ = recipes.resolve({"save": "x"}, CPU)
     b, _ = recipes.resolve({"save": "y", "seed": 1, "amp": "off", "compile": True}, CPU)
     c, _ = recipes.resolve({"save": "x", "lr": 0.05}, CPU)
-    assert seeds.key(vars(a)) == seeds.key(vars(b)) != seeds.key(vars(c))
+    assert runtables.key(vars(a)) == runtables.key(vars(b)) != runtables.key(vars(c))

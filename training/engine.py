@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-import data
-import runstate
-from recipes import UserError
+from training import data, runstate
+from training.recipes import UserError
 
 # One process writes the progress bar: a thread lock, not tqdm's default multiprocessing
 # semaphore, which a measuring child process (measuring.call_fresh) leaves behind at exit.
