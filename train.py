@@ -13,13 +13,9 @@ reports the error after the last epoch); best.pt is chosen on held-out training 
 
 import csv
 import json
-import os
 import random
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,200 +25,20 @@ from torch import nn
 
 import densenet
 import diracnet
-import plot
-import sharedstats
-from training import data, engine, files, paper, recipes, runstate
-from training.recipes import DIRAC_ARCHS, IDENTITY, INVOCATION, UserError
-
-# The failures a user can cause: one line each, never a traceback.
-USER_ERRORS = (UserError, data.DataError, runstate.CheckpointError, files.OutputError)
-
-# ----------------------------------------------------------------------------- devices
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where this process runs: its rank among world processes, and its device."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-
-def setup_distributed(flag: str) -> Placement:
-    """One process per GPU under torchrun (NCCL), or per CPU process (gloo)."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = engine.select_device(flag, world, int(os.environ.get("LOCAL_RANK", "0")))
-    if flag == "auto" and device.type == "cpu" and rank == 0 and engine.cuda_unusable_reason():
-        print(f"warning: this torch is built for CUDA {torch.version.cuda} but can use no GPU "
-              f"({engine.cuda_unusable_reason()}); training on the CPU", file=sys.stderr)  # fmt: skip
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Placement(rank, world, device)
-
-
-def on_rank0(place: Placement, decide: Callable[[], object]) -> object:
-    """decide() on rank 0, its result (or its user error) sent to every rank, so no rank hangs."""
-    if place.world == 1:
-        return decide()
-    box = [None]
-    if place.rank == 0:
-        try:
-            box = [decide()]
-        except USER_ERRORS as e:
-            box = [type(e)(str(e))]
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], USER_ERRORS):
-        raise box[0]
-    return box[0]
-
-
-# ----------------------------------------------------------------------------- building
-
-
-def build_model(a, info: data.DatasetInfo, device: torch.device) -> nn.Module:
-    """The network the flags describe, on the device in the chosen memory layout (SyncBatchNorm
-    under --sync-bn, shared statistics under --shared-stats); ValueErrors from the model
-    become user errors."""
-    try:
-        if a.dataset == "imagenet" and a.arch in DIRAC_ARCHS:
-            net = getattr(diracnet, a.arch)(num_classes=info.num_classes, version=a.dirac_version)
-        elif a.dataset == "imagenet":
-            net = getattr(densenet, a.arch)(
-                num_classes=info.num_classes, drop_rate=a.drop_rate,
-                memory_efficient=a.memory_efficient,
-            )  # fmt: skip
-        elif a.model == "diracnet":
-            net = diracnet.diracnet_cifar(
-                a.depth, a.width, info.num_classes, info.in_channels, version=a.dirac_version
-            )
-        else:
-            net = densenet.densenet_cifar(
-                a.depth, a.growth, bottleneck=a.bottleneck, compression=a.compression,
-                drop_rate=a.drop_rate, num_classes=info.num_classes,
-                in_channels=info.in_channels, memory_efficient=a.memory_efficient,
-            )  # fmt: skip
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if a.sync_bn:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    if a.shared_stats:
-        net = sharedstats.convert_shared_stats(net)
-    layout = torch.channels_last if a.channels_last else torch.preserve_format
-    return net.to(device, memory_format=layout)
-
-
-def build_data(a, place: Placement) -> tuple[data.DatasetInfo, data.BatchSource, dict]:
-    """(info, training batches, {"val"?: ..., "test": ...}); small datasets live on the device."""
-    rank, world, device = place.rank, place.world, place.device
-    if a.dataset == "imagenet":
-        info, train, val = data.imagenet(
-            a.data_dir, a.batch_size, workers=a.workers, seed=a.seed, rank=rank,
-            world_size=world, ten_crop=a.ten_crop, colour=a.colour_augment, device=device,
-            channels_last=a.channels_last,
-        )  # fmt: skip
-        return info, train, {"test": val}
-    info = data.DATASETS[a.dataset]
-    # Under torchrun each node's first process downloads while the others wait, so no two
-    # processes write the same files; every process passes exactly one barrier.
-    first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"
-    if world > 1 and not first_on_node:
-        dist.barrier()
-    splits = data.load(a.dataset, a.data_dir, device, train_subset=a.train_subset,
-                       val_split=a.val_split, seed=a.seed)  # fmt: skip
-    if world > 1 and first_on_node:
-        dist.barrier()
-    mean, std = data.normalisation(info, splits["train"])
-    common = {"mean": mean, "std": std, "rank": rank, "world_size": world,
-              "channels_last": a.channels_last}  # fmt: skip
-    try:
-        train = data.Batches(
-            splits["train"], a.batch_size, train=True, augment=a.augment, crop_pad=info.crop_pad,
-            flip=info.flip, pad_mode=a.pad_mode, seed=a.seed, **common,
-        )  # fmt: skip
-        evals = {
-            name: data.Batches(splits[name], a.batch_size, train=False, **common)
-            for name in ("val", "test")
-            if name in splits
-        }
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return info, train, evals
-
-
-def build_optimizer(a, model: nn.Module) -> torch.optim.SGD:
-    """SGD as the recipe sets it; fused on CUDA (one kernel, and GradScaler then unscales and
-    checks for infs on the device, without a host sync)."""
-    if a.model == "diracnet":  # decay on conv and linear weights only (official recipe)
-        params = diracnet.weight_decay_groups(model, a.weight_decay)
-    else:
-        params = [{"params": list(model.parameters()), "weight_decay": a.weight_decay}]
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    try:  # SGD checks lr, momentum and weight decay itself
-        return torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov, **fused)
-    except ValueError as e:
-        raise UserError(f"{e} (--lr, --momentum, --weight-decay, --nesterov)") from None
-
-
-def build_scheduler(a, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """The recipe's lr schedule: stepped once an epoch at the official code's drops
-    (recipes.lr_drops), or under cosine once a training step (recipes.cosine)."""
-    if a.schedule == "cosine":
-        total = a.epochs * steps_per_epoch
-        return torch.optim.lr_scheduler.LambdaLR(opt, partial(recipes.cosine, total=total))
-    drops = recipes.lr_drops(a.schedule, a.milestones, a.epochs)
-    return torch.optim.lr_scheduler.MultiStepLR(opt, drops, gamma=a.gamma)
-
-
-def model_and_optimizer(a, info: data.DatasetInfo, device: torch.device) -> tuple:
-    """(net, optimizer): every model and optimizer flag checked."""
-    net = build_model(a, info, device)
-    return net, build_optimizer(a, net)
-
-
-def wrap(a, place: Placement, state: runstate.RunState, train: data.BatchSource) -> nn.Module:
-    """The model the loop calls: the net under DDP and torch.compile as asked; a compiler
-    that fails is reported in one line and the run continues eagerly. Where the CPU chose
-    compiling, compiled and eager steps are timed first and the faster one kept."""
-    net = model = state.model
-    if place.world > 1:
-        ids = [place.device.index] if place.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    if not a.compile:
-        return model
-    t0 = time.perf_counter()
-    compiled, failure = engine.compile_or_eager(model, net, a.compile_mode, train, a.amp, place.world)
-    if failure:
-        a.compile = False  # args.json says what runs
-    if place.rank == 0 and failure:
-        print(f"warning: torch.compile failed, training eagerly: {failure}", file=sys.stderr)
-    elif place.rank == 0:
-        print(f"compiled the model in {time.perf_counter() - t0:.0f} s", flush=True)
-    if failure or not recipes.measures_compile(a, place.device.type):
-        return compiled
-    return faster(a, place, state, train, {"eager": model, "compiled": compiled})
-
-
-def faster(a, place: Placement, state: runstate.RunState, train: data.BatchSource,
-           models: dict[str, nn.Module]) -> nn.Module:  # fmt: skip
-    """The faster of the eager and the compiled model on this machine, timed on the run's
-    first batches without changing the run; args.json records the figures (a.compile_measured)."""
-    times = engine.step_times(models, state.model, state.optimizer, state.scaler, train, a.amp,
-                              recipes.COMPILE_TIMED_STEPS)  # fmt: skip
-    choice = recipes.choose_compile(times["eager"], times["compiled"])
-    if place.world > 1:  # every rank takes rank 0's choice
-        choice = on_rank0(place, lambda: choice)
-    a.compile, a.compile_measured = choice["compile"], choice
-    if place.rank == 0:
-        print(recipes.compile_line(choice), flush=True)
-    if a.compile:
-        return models["compiled"]
-    torch.compiler.reset()  # free the compiled graphs
-    return models["eager"]
-
+from training import building, data, engine, files, paper, recipes, runstate
+from training.engine import USER_ERRORS, Placement, on_rank0
+from training.errors import UserError
+from training.figures import Background
+from training.settings import (
+    FIXED_ON_RESUME,
+    IDENTITY,
+    INVOCATION,
+    host,
+    parse_args,
+    resolve,
+    run_folder,
+    run_name,
+)
 
 # ----------------------------------------------------------------------------- run files
 
@@ -249,7 +65,7 @@ def resumed_changes(given: dict, a, ckpt: dict) -> list[dict]:
     old, epoch, step = ckpt["args"], ckpt["epoch"], ckpt["step"]
     typed = [k for k in given if k not in INVOCATION and vars(a)[k] != old.get(k)]
     for k in typed:
-        why = recipes.FIXED_ON_RESUME.get(k)
+        why = FIXED_ON_RESUME.get(k)
         if why is None and k == "batch_size" and step:
             why = f"the checkpoint is {step} batches into epoch {epoch + 1} (it can change at an epoch's start)"
         if why:
@@ -293,10 +109,10 @@ class Reporter:
             if repaired:
                 print(f"warning: {repaired}", file=sys.stderr)
             meta = {"torch": torch.__version__, "device": str(place.device),
-                    "world_size": place.world, "host": recipes.host(), **paper.record(self.args)}  # fmt: skip
+                    "world_size": place.world, "host": host(), **paper.record(self.args)}  # fmt: skip
             files.write_text(save / "args.json", json.dumps({**self.args, **meta}, indent=2) + "\n")
             self.writer = tensorboard(save) if a.tensorboard else None
-        self.figures = plot.Background(save, enabled=a.plot and self.on)
+        self.figures = Background(save, enabled=a.plot and self.on)
 
     def say(self, line: str) -> None:
         if self.on:
@@ -403,9 +219,9 @@ def configure(given: dict, place: Placement) -> tuple:
     """(settings, notes, checkpoint or None): the flags, the recipe, the device and a
     resumed run's settings, resolved once; a.changes lists the flags changed on each
     --resume, with the epoch they took effect."""
-    save = recipes.run_folder(given)
+    save = run_folder(given)
     ckpt = on_rank0(place, lambda: start_or_resume(given, save))
-    a, notes = recipes.resolve(given, recipes.probe(place.device), ckpt and ckpt["args"])
+    a, notes = resolve(given, recipes.probe(place.device), ckpt and ckpt["args"])
     changes = resumed_changes(given, a, ckpt) if ckpt else []
     a.changes = [*(ckpt["args"].get("changes", []) if ckpt else []), *changes]
     return a, notes + [change_line(c) for c in changes], ckpt
@@ -435,11 +251,11 @@ def build(a, place: Placement, ckpt: dict | None, notes: list[str]) -> tuple:
     random.seed(a.seed)
     np.random.seed(a.seed)
     small = data.DATASETS.get(a.dataset)  # ImageNet counts its classes in the data
-    built = model_and_optimizer(a, small, place.device) if small else None
+    built = building.model_and_optimizer(a, small, place.device) if small else None
     data.check_folder(Path(a.data_dir))
-    info, train_batches, evals = build_data(a, place)
-    net, opt = built or model_and_optimizer(a, info, place.device)
-    sched = build_scheduler(a, opt, len(train_batches))
+    info, train_batches, evals = building.build_data(a, place)
+    net, opt = built or building.model_and_optimizer(a, info, place.device)
+    sched = building.build_scheduler(a, opt, len(train_batches))
     scaler = torch.amp.GradScaler(place.device.type, enabled=a.amp == "fp16")
     per_step = len(train_batches) if a.schedule in recipes.PER_STEP else 0
     state = runstate.RunState(net, opt, sched, scaler, train_batches.generator, place.rank,
@@ -453,7 +269,7 @@ def build(a, place: Placement, ckpt: dict | None, notes: list[str]) -> tuple:
         a.compile = False
         notes.append(f"compile off: {steps_left} training steps left are too few to pay back "
                      f"compiling on the CPU (--compile compiles anyway)")  # fmt: skip
-    return state, wrap(a, place, state, train_batches), info, train_batches, evals
+    return state, building.wrap(a, place, state, train_batches), info, train_batches, evals
 
 
 def train(given: dict, place: Placement) -> int:
@@ -462,7 +278,7 @@ def train(given: dict, place: Placement) -> int:
     for flag in ("export", "pretrained"):
         if flag in given:
             raise UserError(f"--{flag} goes with --evaluate")
-    lock = claim(recipes.run_folder(given), place)
+    lock = claim(run_folder(given), place)
     try:
         return run_in_folder(given, place, lock)
     finally:
@@ -481,7 +297,7 @@ def run_in_folder(given: dict, place: Placement, lock: files.RunLock | None) -> 
         for note in notes:
             out.say(f"note: {note}")
         params = sum(p.numel() for p in state.model.parameters())
-        out.say(f"{a.save}: {recipes.run_name(vars(a))} on {a.dataset}, {params:,} parameters, "
+        out.say(f"{a.save}: {run_name(vars(a))} on {a.dataset}, {params:,} parameters, "
                 f"{place.device} x{place.world}, amp {a.amp}, channels_last "
                 f"{'on' if a.channels_last else 'off'}, compile {a.compile_mode if a.compile else 'off'}, "
                 f"epoch {state.epoch + 1} of {a.epochs}")  # fmt: skip
@@ -501,13 +317,13 @@ def evaluate(given: dict, place: Placement) -> int:
     if "pretrained" in given:
         if given.get("dataset") != "imagenet":
             raise UserError("--pretrained takes torchvision ImageNet weights: add --dataset imagenet")
-        a, _ = recipes.resolve(given, recipes.probe(place.device))
+        a, _ = resolve(given, recipes.probe(place.device))
     else:  # a locked run may be read: its checkpoints are replaced atomically
         ckpt = runstate.load_checkpoint(given["evaluate"])
         # the run's model, and its data: the same held-out images, batches that fit
         kept = (*IDENTITY, "val_split", "seed", "train_subset", "batch_size")
         old = {k: v for k, v in ckpt["args"].items() if k in kept}
-        a, _ = recipes.resolve(given, recipes.probe(place.device), old)
+        a, _ = resolve(given, recipes.probe(place.device), old)
     if "export" not in given:
         return evaluate_net(a, place, ckpt)
     if a.model != "diracnet":
@@ -524,8 +340,8 @@ def evaluate(given: dict, place: Placement) -> int:
 def evaluate_net(a, place: Placement, ckpt: dict | None, export_to: Path | None = None) -> int:
     """Build the network, load the checkpoint (or --pretrained), print each split's row;
     then write the folded DiracNet to export_to."""
-    info, _, evals = build_data(a, place)
-    net = build_model(a, info, place.device)
+    info, _, evals = building.build_data(a, place)
+    net = building.build_model(a, info, place.device)
     try:
         if ckpt is None:
             densenet.load_torchvision_state_dict(net, runstate.load_file(a.pretrained))
@@ -557,8 +373,8 @@ def export(a, net: nn.Module, info: data.DatasetInfo, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; a user error is one line on stderr (exit 2; 1 for data)."""
     try:
-        given = recipes.parse_args(argv, __doc__)
-        place = setup_distributed(given.get("device", "auto"))
+        given = parse_args(argv, __doc__)
+        place = engine.setup_distributed(given.get("device", "auto"))
         code = evaluate(given, place) if "evaluate" in given else train(given, place)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

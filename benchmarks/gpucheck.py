@@ -34,7 +34,7 @@ import torch
 from benchmarks import measuring
 from benchmarks.measuring import Mode
 from training import data, datafiles, engine, files, recipes
-from training.recipes import UserError
+from training.errors import UserError
 
 PARTS = ("modes", "memory", "peers", "overhead", "train", "resume")
 # Whose time is kept first when the budget cannot hold every part: the first rows of the

@@ -15,8 +15,8 @@ from torch import nn
 import bench
 import reference
 import synthetic
-import train
 from benchmarks import gpucheck, measuring
+from training import building
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"model", "batch", "mode", "img_per_s", "peak_mem_bytes", "speedup_vs_naive",
@@ -133,7 +133,7 @@ def fast_paths() -> reference.Comparison:
         name: reference.Path({"memory_efficient": mode.memory_efficient}, mode.channels_last, mode.amp)
         for name, mode in FAST.items()
     }
-    optimizer = lambda model: train.build_optimizer(recipe, model)  # noqa: E731
+    optimizer = lambda model: building.build_optimizer(recipe, model)  # noqa: E731
     return reference.compare(measuring.MODELS["tiny"][0], x, y, 2, paths, optimizer)
 
 

@@ -15,6 +15,7 @@ import plot
 import synthetic
 import train
 from training import paper, recipes
+from training.settings import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = recipes.Capabilities("cpu", False, True)
@@ -22,7 +23,7 @@ CPU = recipes.Capabilities("cpu", False, True)
 
 def settings(given: dict) -> dict:
     """Every setting of a run with these flags, as train.py resolves and records them."""
-    a, _ = recipes.resolve({"save": "x", **given}, CPU)
+    a, _ = resolve({"save": "x", **given}, CPU)
     return vars(a)
 
 

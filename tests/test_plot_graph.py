@@ -13,6 +13,7 @@ import pytest
 
 import make_graph
 import plot
+from training import figures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +67,9 @@ def test_plot_single_run_defaults_to_run_folder(tmp_path):
     assert_png(run / "error.png")
     assert not (run / "loss.pdf").exists()
     assert not list(run.glob(".*tmp")), "temp files left behind"
-    assert plot.run_label(run) == "c10_d40 (c10 L=40 k=12)"
+    assert figures.run_label(run) == "c10_d40 (c10 L=40 k=12)"
     (run / "args.json").unlink()
-    assert plot.run_label(run) == "c10_d40"
+    assert figures.run_label(run) == "c10_d40"
 
 
 def test_plot_two_runs_overlaid_with_pdf(tmp_path):
@@ -84,9 +85,9 @@ def test_plot_two_runs_overlaid_with_pdf(tmp_path):
 
 def test_plot_runs_is_repeatable_and_handles_one_row(tmp_path):
     run = write_run(tmp_path / "running", epochs=1)
-    first = plot.plot_runs([run], run)
+    first = figures.plot_runs([run], run)
     assert first == [run / "loss.png", run / "error.png"]
-    assert plot.plot_runs([str(run)], str(run), pdf=True) == [
+    assert figures.plot_runs([str(run)], str(run), pdf=True) == [
         run / "loss.png",
         run / "loss.pdf",
         run / "error.png",
@@ -178,8 +179,8 @@ def stars(fig) -> tuple[list, list[str]]:
 )
 def test_error_plot_marks_the_reported_point(tmp_path, val, epoch, error, label):
     run = write_log(tmp_path / "run", val)
-    assert plot.reported_point(plot.load_log(run)) == (epoch, error, label)
-    _, err_fig = plot.figures([("run", plot.load_log(run))])
+    assert figures.reported_point(figures.load_log(run)) == (epoch, error, label)
+    _, err_fig = figures.figures([("run", figures.load_log(run))])
     marked, legend = stars(err_fig)
     assert len(marked) == 1 and marked[0].get_label() == label and label in legend
     assert list(marked[0].get_xdata()) == [epoch] and list(marked[0].get_ydata()) == [error]
@@ -189,9 +190,9 @@ def test_error_plot_marks_the_reported_point(tmp_path, val, epoch, error, label)
 
 def test_each_run_has_its_marked_point_in_its_colour(tmp_path):
     runs = [write_log(tmp_path / "a", val=False), write_run(tmp_path / "b", top5=True)]
-    err_fig = plot.figures([(r.name, plot.load_log(r)) for r in runs])[1]
+    err_fig = figures.figures([(r.name, figures.load_log(r)) for r in runs])[1]
     marked, legend = stars(err_fig)
-    last_b = plot.load_log(runs[1]).iloc[-1]
+    last_b = figures.load_log(runs[1]).iloc[-1]
     assert [m.get_label() for m in marked] == [
         "final epoch 6: 7.90 %",
         f"final epoch 12: {last_b.test_err:.2f} %",
@@ -313,4 +314,4 @@ def test_a_diracnet_run_is_labelled_by_depth_and_width(tmp_path):
     run = write_run(tmp_path / "d", val=False)
     args = {"dataset": "cifar10", "model": "diracnet", "depth": 34, "width": 2.0, "growth": None}
     (run / "args.json").write_text(json.dumps(args))
-    assert plot.run_label(run) == "d (cifar10 L=34 width 2)"
+    assert figures.run_label(run) == "d (cifar10 L=34 width 2)"

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.collections import PolyCollection
 
 import plot
-from training import paper, recipes, runtables
+from training import figures, paper, recipes, runtables, settings
 
 CPU = recipes.Capabilities("cpu", True, True)
 BC_100_12 = {"depth": 100, "growth": 12}  # the default model: DenseNet-BC, C10+
@@ -21,7 +21,7 @@ DENSENET_40_12 = {"depth": 40, "growth": 12, "bottleneck": False}
 def write_run(folder: Path, given: dict, test_err: list[float], val_err=None, epochs=3) -> Path:
     """A run folder as train.py leaves it: args.json with every setting resolved for these
     flags (and the paper's fields), and a log.csv of len(test_err) epochs out of `epochs`."""
-    a, _ = recipes.resolve({**given, "epochs": epochs, "save": str(folder)}, CPU)
+    a, _ = settings.resolve({**given, "epochs": epochs, "save": str(folder)}, CPU)
     meta = {"torch": "2.x", "device": "cpu", "world_size": 1, "host": "Linux x86_64"}
     folder.mkdir(parents=True)
     (folder / "args.json").write_text(json.dumps({**vars(a), **meta, **paper.record(vars(a))}))
@@ -168,12 +168,12 @@ def test_the_figures_draw_seeds_as_a_band_around_their_mean(tmp_path):
     tests = [[60.0, 30.0, 20.0], [64.0, 28.0, 21.0], [58.0, 33.0]]  # the third seed stopped
     runs = [write_run(tmp_path / f"s{s}", {**BC_100_12, "seed": s}, t) for s, t in enumerate(tests)]
     other = write_run(tmp_path / "d40", DENSENET_40_12, [55.0, 25.0, 15.0])
-    drawn = plot.curves([*runs, other])
+    drawn = figures.curves([*runs, other])
     assert [label for label, _ in drawn] == [
         "DenseNet-BC-100-12 C10+: mean of 3 seeds, 1 unfinished, band min-max",
-        plot.run_label(other),
+        figures.run_label(other),
     ]
-    _, err_fig = plot.figures(drawn)
+    _, err_fig = figures.figures(drawn)
     ax = err_fig.axes[0]
     by_epoch = [[t[e] for t in tests if len(t) > e] for e in range(3)]
     means = [statistics.fmean(v) for v in by_epoch]
@@ -189,9 +189,9 @@ def test_the_figures_draw_seeds_as_a_band_around_their_mean(tmp_path):
 
 
 def test_settings_that_do_not_make_another_experiment_cover_the_trainers():
-    assert set(recipes.INVOCATION) <= runtables.NOT_COMPARED
+    assert set(settings.INVOCATION) <= runtables.NOT_COMPARED
     assert set(recipes.device_defaults(CPU)) | {"device_chose"} <= runtables.NOT_COMPARED
-    a, _ = recipes.resolve({"save": "x"}, CPU)
-    b, _ = recipes.resolve({"save": "y", "seed": 1, "amp": "off", "compile": True}, CPU)
-    c, _ = recipes.resolve({"save": "x", "lr": 0.05}, CPU)
+    a, _ = settings.resolve({"save": "x"}, CPU)
+    b, _ = settings.resolve({"save": "y", "seed": 1, "amp": "off", "compile": True}, CPU)
+    c, _ = settings.resolve({"save": "x", "lr": 0.05}, CPU)
     assert runtables.key(vars(a)) == runtables.key(vars(b)) != runtables.key(vars(c))
