@@ -142,12 +142,12 @@ def main() -> None:
     p.add_argument("--study", choices=STUDIES, default="bf16")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
-    a = p.parse_args()
-    cases, ratios, profiled = STUDIES[a.study]
+    args = p.parse_args()
+    cases, ratios, profiled = STUDIES[args.study]
     times = {case: [] for case in cases}
-    for _ in range(a.rounds):
+    for _ in range(args.rounds):
         for case in cases:
-            times[case] += fresh(case, a.steps, False)[0]
+            times[case] += fresh(case, args.steps, False)[0]
     median = {case: statistics.median(t) for case, t in times.items()}
     for case, m in median.items():
         print(f"{case}: median step {m:.3f} s")

@@ -269,8 +269,8 @@ def test_gpu_check_plan_keeps_first_rows_then_the_training_run(tmp_path: Path, c
     peers always, then the training run, the overhead and the resume while they fit; what
     does not fit is skipped at once, each with a line."""
     synthetic.make_mnist(tmp_path, "fashion-mnist", n_train=64, n_test=16)
-    a = gpucheck.parse_args(["--device", "cpu", "--tiny", "--data-dir", str(tmp_path)])
-    check = gpucheck.Check(a, tmp_path / "check.json", {})
+    args = gpucheck.parse_args(["--device", "cpu", "--tiny", "--data-dir", str(tmp_path)])
+    check = gpucheck.Check(args, tmp_path / "check.json", {})
     need = {part: check.first_need(part) for part in gpucheck.PARTS}
     rows = need["modes"] + need["memory"] + need["peers"]
     check.plan(list(gpucheck.PARTS), rows + need["train"])

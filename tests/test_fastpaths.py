@@ -16,8 +16,9 @@ from test_train import ROOT, TINY, assert_same_run, mnist_run, run, subprocess_t
 import densenet
 import sharedstats
 import synthetic
-from training import building, data, engine, recipes, settings
+from training import building, data, engine, recipes
 from training.errors import UserError
+from training.settings import resolve
 
 
 def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
@@ -169,10 +170,10 @@ def test_shared_stats_flag_converts_the_model_and_is_recorded(tmp_path, capsys):
         assert run([*argv, "--epochs", 1, flag, "--save", save], capsys)[0] == 0
         args = json.loads((save / "args.json").read_text())
         assert args["shared_stats"] == (flag == "--shared-stats") and not args["compile"]
-        a, _ = settings.resolve(
+        settings, _ = resolve(
             {"shared_stats": args["shared_stats"]}, recipes.Capabilities("cpu", False, True)
         )
-        net = building.build_model(a, data.DATASETS["mnist"], torch.device("cpu"))
+        net = building.build_model(settings, data.DATASETS["mnist"], torch.device("cpu"))
         blocks = [m for m in net.modules() if isinstance(m, densenet._DenseBlock)]
         assert blocks and all(
             isinstance(b, sharedstats.SharedStatsBlock) == args["shared_stats"]

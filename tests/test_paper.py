@@ -23,8 +23,8 @@ CPU = recipes.Capabilities("cpu", False, True)
 
 def settings(given: dict) -> dict:
     """Every setting of a run with these flags, as train.py resolves and records them."""
-    a, _ = resolve({"save": "x", **given}, CPU)
-    return vars(a)
+    resolved, _ = resolve({"save": "x", **given}, CPU)
+    return vars(resolved)
 
 
 def test_readme_tables_are_paper_py_output():

@@ -11,7 +11,8 @@ import pytest
 from matplotlib.collections import PolyCollection
 
 import plot
-from training import figures, paper, recipes, runtables, settings
+from training import figures, paper, recipes, runtables
+from training.settings import INVOCATION, resolve
 
 CPU = recipes.Capabilities("cpu", True, True)
 BC_100_12 = {"depth": 100, "growth": 12}  # the default model: DenseNet-BC, C10+
@@ -21,10 +22,10 @@ DENSENET_40_12 = {"depth": 40, "growth": 12, "bottleneck": False}
 def write_run(folder: Path, given: dict, test_err: list[float], val_err=None, epochs=3) -> Path:
     """A run folder as train.py leaves it: args.json with every setting resolved for these
     flags (and the paper's fields), and a log.csv of len(test_err) epochs out of `epochs`."""
-    a, _ = settings.resolve({**given, "epochs": epochs, "save": str(folder)}, CPU)
+    settings, _ = resolve({**given, "epochs": epochs, "save": str(folder)}, CPU)
     meta = {"torch": "2.x", "device": "cpu", "world_size": 1, "host": "Linux x86_64"}
     folder.mkdir(parents=True)
-    (folder / "args.json").write_text(json.dumps({**vars(a), **meta, **paper.record(vars(a))}))
+    (folder / "args.json").write_text(json.dumps({**vars(settings), **meta, **paper.record(vars(settings))}))
     columns = {"epoch": range(1, len(test_err) + 1), "lr": 0.1, "train_loss": 1.0}
     columns |= {"train_err": [e + 5 for e in test_err]}
     if val_err is not None:
@@ -189,9 +190,9 @@ def test_the_figures_draw_seeds_as_a_band_around_their_mean(tmp_path):
 
 
 def test_settings_that_do_not_make_another_experiment_cover_the_trainers():
-    assert set(settings.INVOCATION) <= runtables.NOT_COMPARED
+    assert set(INVOCATION) <= runtables.NOT_COMPARED
     assert set(recipes.device_defaults(CPU)) | {"device_chose"} <= runtables.NOT_COMPARED
-    a, _ = settings.resolve({"save": "x"}, CPU)
-    b, _ = settings.resolve({"save": "y", "seed": 1, "amp": "off", "compile": True}, CPU)
-    c, _ = settings.resolve({"save": "x", "lr": 0.05}, CPU)
-    assert runtables.key(vars(a)) == runtables.key(vars(b)) != runtables.key(vars(c))
+    base, _ = resolve({"save": "x"}, CPU)
+    elsewhere, _ = resolve({"save": "y", "seed": 1, "amp": "off", "compile": True}, CPU)
+    other_lr, _ = resolve({"save": "x", "lr": 0.05}, CPU)
+    assert runtables.key(vars(base)) == runtables.key(vars(elsewhere)) != runtables.key(vars(other_lr))

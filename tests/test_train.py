@@ -19,7 +19,8 @@ import densenet
 import diracnet
 import synthetic
 import train
-from training import recipes, runstate, settings
+from training import recipes, runstate
+from training.settings import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 # --device cpu: "auto" on a machine with a CUDA build of torch and no GPU adds a warning line
@@ -544,8 +545,8 @@ def test_diracnet_restarts_momentum_at_each_lr_drop(tmp_path, capsys):
         torch.testing.assert_close(k2 - b2, 0.9 * b1, rtol=0, atol=1e-6 * scale)
         assert not torch.equal(k2, b2)
     args = json.loads((tmp_path / "--restart-momentum2" / "args.json").read_text())
-    a, _ = settings.resolve({"model": "diracnet"}, recipes.probe(torch.device("cpu")))
-    assert args["restart_momentum"] and a.restart_momentum  # the official trainer's default
+    settings, _ = resolve({"model": "diracnet"}, recipes.probe(torch.device("cpu")))
+    assert args["restart_momentum"] and settings.restart_momentum  # the official trainer's default
 
 
 # ----------------------------------------------------------------------------- robustness

@@ -184,18 +184,18 @@ COMPILE_TIMED_STEPS = 5
 COMPILE_MARGIN = 1.05
 
 
-def compile_pays(a: argparse.Namespace, device_type: str, steps_left: int) -> bool:
+def compile_pays(settings: argparse.Namespace, device_type: str, steps_left: int) -> bool:
     """Whether the run compiles: as resolved, except that a CPU run whose device chose
     compiling (the flag not given) and that has fewer than CPU_COMPILE_MIN_STEPS training
     steps left stays eager."""
     short = device_type == "cpu" and steps_left < CPU_COMPILE_MIN_STEPS
-    return a.compile and not ("compile" in a.device_chose and short)
+    return settings.compile and not ("compile" in settings.device_chose and short)
 
 
-def measures_compile(a: argparse.Namespace, device_type: str) -> bool:
+def measures_compile(settings: argparse.Namespace, device_type: str) -> bool:
     """Whether the run times compiled against eager steps before choosing: on the CPU, where
     compiling was the device's choice (not typed, not a resumed run's recorded choice)."""
-    return device_type == "cpu" and a.compile and "compile" in a.device_chose
+    return device_type == "cpu" and settings.compile and "compile" in settings.device_chose
 
 
 def choose_compile(eager: Sequence[float], compiled: Sequence[float]) -> dict:

@@ -26,6 +26,8 @@ from training.recipes import (
     recipe,
 )
 
+# Every setting of a run, as resolve() returns it and args.json records it.
+Settings = argparse.Namespace
 # Flags whose change makes a checkpoint a different experiment: refused on --resume.
 IDENTITY = (
     "dataset", "model", "dirac_version", "arch", "depth", "growth", "bottleneck",
@@ -247,7 +249,7 @@ def run_folder(given: dict) -> Path:
 
 def resolve(
     given: dict, caps: Capabilities, old: dict | None = None
-) -> tuple[argparse.Namespace, list[str]]:
+) -> tuple[Settings, list[str]]:
     """Every setting of the run, and notes on choices made for the user (one line each)."""
     old = {k: v for k, v in (old or {}).items() if k not in INVOCATION}
     fast = device_defaults(caps)
