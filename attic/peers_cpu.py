@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """DenseNet-BC-100-12 training speed on the CPU: what ./train.py does by default, beside the
 public CIFAR DenseNets of bamos/densenet.pytorch, andreasveit/densenet-pytorch and
-gpleiss/efficient_densenet_pytorch in their eager modes (issue 21's comparison).
+gpleiss/efficient_densenet_pytorch in their eager modes. results/peers-cpu.md holds its
+output of 2026-12-04 (2 threads, AVX-512 BF16, torch 2.14.1+cu130) under its command.
 
 Their files are not part of this repository: fetch them and pass the folder that holds
 bamos_densenet.py (densenet.py there), veit_densenet.py (densenet.py) and

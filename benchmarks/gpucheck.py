@@ -1,4 +1,5 @@
-"""The GPU check: one command that turns a lent GPU into results within a time budget.
+"""The GPU check (bench.py --gpu-check): one command that turns a GPU into results within a
+time budget.
 
     python bench.py --gpu-check --budget 450                 # on the GPU (README "On a GPU")
     python bench.py --gpu-check --parts modes --budget 450   # a second run: what was skipped
@@ -472,8 +473,8 @@ def part_train(check: Check) -> None:
         "finished": done, "test_err": rows[-1]["test_err"] if rows else None,
         "wall_s": sum(r["seconds"] for r in runs), "train_s": sum(r["seconds"] for r in rows),
         "runs": runs, "rows": rows,
-        "target": "the recipe's 40 epochs: at least 95.6% test accuracy (issue 15); this run "
-                  "is shorter, the recipe's schedule compressed into its epochs",
+        "target": "the recipe's 40 epochs: at least 95.6% test accuracy (the aim set for the "
+                  "recipe); this run is shorter, the recipe's schedule compressed into its epochs",
     })  # fmt: skip
     if len(runs) == 2:
         saved = first["exit"] == SIGTERM_EXIT and (folder / "latest.pt").exists()
