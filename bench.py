@@ -5,7 +5,7 @@ DenseNets users already have (torchvision's, timm's) beside ours in the same mod
     python bench.py                        # DenseNet-BC-100-12 on CPU; four models on CUDA
     python bench.py --models densenet121   # with torchvision's (and timm's) densenet121
     python bench.py --quick --models tiny  # a small DenseNet-BC in seconds (tests run this)
-    python bench.py --gpu-check            # the GPU check (gpucheck.py): one short command
+    python bench.py --gpu-check            # the GPU check (benchmarks/gpucheck.py)
 
 Each mode (row) runs in a fresh process, so no row inherits another's caches, compiled
 code or memory high-water mark. img/s is the batch over the median step after warm-up.
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-import files
-import gpucheck
-import measuring
-from measuring import MODELS, PEER_OF, Mode, Row, mib, num, ratio
+from benchmarks import gpucheck, measuring
+from benchmarks.measuring import MODELS, PEER_OF, Mode, Row, mib, num, ratio
+from training import files
 
 ROOT = Path(__file__).resolve().parent
 OURS = [name for name in MODELS if name not in PEER_OF]
@@ -77,14 +76,14 @@ def after_first_round(name: str, rows: list[Row]) -> list[Mode]:
     return out
 
 
-def measure_into(m: str, mode: Mode, i: int, a: argparse.Namespace, batch: int,
+def measure_into(m: str, mode: Mode, i: int, args: argparse.Namespace, batch: int,
                  plan: dict, times: dict, mems: dict) -> None:  # fmt: skip
     """Measure one row in a fresh process and keep its step times and peak memory. A
     failing row (a compile error, say) is dropped; a peer whose naive row fails is dropped
     whole; our own naive row failing stops the bench."""
-    args = (m, batch, mode, a.device, a.warmup, a.steps, a.threads, a.size)
+    job = (m, batch, mode, args.device, args.warmup, args.steps, args.threads, args.size)
     try:
-        step_times, mem, _ = measuring.call_fresh(measuring.measure, args)
+        step_times, mem, _ = measuring.call_fresh(measuring.measure, job)
     except RuntimeError as e:
         if mode != plan[m][0]:
             print(f"{m} {mode.name} failed, skipped: {e}", file=sys.stderr)
@@ -101,40 +100,40 @@ def measure_into(m: str, mode: Mode, i: int, a: argparse.Namespace, batch: int,
           f" img/s, {mib(mem)} MiB", file=sys.stderr)  # fmt: skip
 
 
-def chosen(mode: Mode, a: argparse.Namespace) -> bool:
+def chosen(mode: Mode, args: argparse.Namespace) -> bool:
     """Whether --modes keeps this row (naive always: the speedups are against it)."""
-    return a.modes is None or mode.name in a.modes or mode.name == "naive"
+    return args.modes is None or mode.name in args.modes or mode.name == "naive"
 
 
-def bench_model(name: str, batch: int, a: argparse.Namespace, device_name: str) -> list:
-    """Every mode of one model and of its peers (the same modes, interleaved), in a.rounds
+def bench_model(name: str, batch: int, args: argparse.Namespace, device_name: str) -> list:
+    """Every mode of one model and of its peers (the same modes, interleaved), in args.rounds
     rounds: background load hits every row alike."""
-    device_type = torch.device(a.device).type
-    group = [name] + (measuring.peers(name) if a.peers else [])
+    device_type = torch.device(args.device).type
+    group = [name] + (measuring.peers(name) if args.peers else [])
     plan = {
-        m: [x for x in model_modes(m, device_type, a.cpu_compile) if chosen(x, a)] for m in group
+        m: [x for x in model_modes(m, device_type, args.cpu_compile) if chosen(x, args)] for m in group
     }
     times, mems, extra = {}, {}, []
 
     def rows(m: str) -> list[Row]:
         return [measuring.summarise(mode, batch, times[m, mode], mems[m, mode]) for mode in plan[m]]
 
-    for i in range(a.rounds):
+    for i in range(args.rounds):
         pending = list(plan[name])
         while pending:
             for mode, m in [(mode, m) for mode in pending for m in list(plan)]:
                 if mode in plan.get(m, ()):
-                    measure_into(m, mode, i, a, batch, plan, times, mems)
+                    measure_into(m, mode, i, args, batch, plan, times, mems)
             pending = []
             if not extra:  # the first round's speed modes are done
-                extra = pending = [x for x in after_first_round(name, rows(name)) if chosen(x, a)]
+                extra = pending = [x for x in after_first_round(name, rows(name)) if chosen(x, args)]
                 for m in plan:
                     plan[m] += [e for e in extra if m == name or not e.shared_stats]
     records = []
     for m in plan:
-        measured, flops = rows(m), measuring.flops_per_img(m, batch, a.size)
+        measured, flops = rows(m), measuring.flops_per_img(m, batch, args.size)
         for r in measured:
-            peak = measuring.peak_flops(device_name, r.mode.amp, a.threads)
+            peak = measuring.peak_flops(device_name, r.mode.amp, args.threads)
             records.append(measuring.record(m, batch, r, measured[0], flops, peak))
     return records
 
@@ -234,39 +233,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JSON file or folder (default results/bench-<device>.json)")
     p.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table here")
     p.add_argument("--gpu-check", action="store_true",
-                   help="run the GPU check instead (its options: python gpucheck.py --help)")
+                   help="run the GPU check instead (its options: bench.py --gpu-check --help)")
     # fmt: on
-    a = p.parse_args(argv)
-    a.device = str(measuring.select_device(a.device))
-    cuda = a.device.startswith("cuda")
-    a.models = a.models or (CUDA_MODELS if cuda else CPU_MODELS)
-    defaults = (1, 3, 10) if a.quick else (1, 15, 50) if cuda else (3, 3, 8)
+    args = p.parse_args(argv)
+    args.device = str(measuring.select_device(args.device))
+    cuda = args.device.startswith("cuda")
+    args.models = args.models or (CUDA_MODELS if cuda else CPU_MODELS)
+    defaults = (1, 3, 10) if args.quick else (1, 15, 50) if cuda else (3, 3, 8)
     for key, value in zip(("rounds", "warmup", "steps"), defaults, strict=True):
-        if getattr(a, key) is None:
-            setattr(a, key, value)
-    if a.steps < 2:
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.steps < 2:
         p.error("--steps must be at least 2 (the median and quartiles need them)")
-    return a
+    return args
 
 
 def run(argv: list[str]) -> int:
     """The bench: check the outputs, measure every model, write JSON and the table."""
-    a = parse_args(argv)
-    device = torch.device(a.device)
-    machine = measuring.machine_info(device, a.threads, argv)
-    machine.update(rounds=a.rounds, warmup=a.warmup, steps=a.steps)
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    machine = measuring.machine_info(device, args.threads, argv)
+    machine.update(rounds=args.rounds, warmup=args.warmup, steps=args.steps)
     name = f"bench-{measuring.device_kind(machine['device'])}"
     out = files.output(
-        a.out or ROOT / "results" / f"{name}.json", "--out", default_name=f"{name}.json"
+        args.out or ROOT / "results" / f"{name}.json", "--out", default_name=f"{name}.json"
     ).path
     table_file = (
-        a.markdown and files.output(a.markdown, "--markdown", default_name=f"{name}.md").path
+        args.markdown and files.output(args.markdown, "--markdown", default_name=f"{name}.md").path
     )
     if machine["memory_note_cpu"]:
         print(f"note: {machine['memory_note_cpu']}", file=sys.stderr)
     records = []
-    for model in a.models:  # written after each model: a stopped run keeps what it measured
-        records += bench_model(model, a.batch or MODELS[model][2], a, machine["device"])
+    for model in args.models:  # written after each model: a stopped run keeps what it measured
+        records += bench_model(model, args.batch or MODELS[model][2], args, machine["device"])
         result = {"machine": machine, "records": records, "peers": measuring.peer_ratios(records)}
         files.write_text(out, json.dumps(result, indent=2) + "\n")
     table = markdown(machine, records)
@@ -277,10 +276,11 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The bench, or with --gpu-check the GPU check (gpucheck.py); a user's error is one line."""
+    """The bench, or with --gpu-check the GPU check (benchmarks/gpucheck.py); a user's error
+    is one line."""
     argv = sys.argv[1:] if argv is None else argv
     if "--gpu-check" in argv:
-        return measuring.command(gpucheck.main, [x for x in argv if x != "--gpu-check"])
+        return measuring.command(gpucheck.run, [x for x in argv if x != "--gpu-check"])
     return measuring.command(run, argv)
 
 

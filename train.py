@@ -13,13 +13,9 @@ reports the error after the last epoch); best.pt is chosen on held-out training 
 
 import csv
 import json
-import os
 import random
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,209 +23,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import data
 import densenet
 import diracnet
-import engine
-import files
-import paper
-import plot
-import recipes
-import runstate
-import sharedstats
-from recipes import DIRAC_ARCHS, IDENTITY, INVOCATION, UserError
-
-# The failures a user can cause: one line each, never a traceback.
-USER_ERRORS = (UserError, data.DataError, runstate.CheckpointError, files.OutputError)
-
-# ----------------------------------------------------------------------------- devices
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where this process runs: its rank among world processes, and its device."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-
-def setup_distributed(flag: str) -> Placement:
-    """One process per GPU under torchrun (NCCL), or per CPU process (gloo)."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = engine.select_device(flag, world, int(os.environ.get("LOCAL_RANK", "0")))
-    if flag == "auto" and device.type == "cpu" and rank == 0 and engine.cuda_unusable_reason():
-        print(f"warning: this torch is built for CUDA {torch.version.cuda} but can use no GPU "
-              f"({engine.cuda_unusable_reason()}); training on the CPU", file=sys.stderr)  # fmt: skip
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Placement(rank, world, device)
-
-
-def on_rank0(place: Placement, decide: Callable[[], object]) -> object:
-    """decide() on rank 0, its result (or its user error) sent to every rank, so no rank hangs."""
-    if place.world == 1:
-        return decide()
-    box = [None]
-    if place.rank == 0:
-        try:
-            box = [decide()]
-        except USER_ERRORS as e:
-            box = [type(e)(str(e))]
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], USER_ERRORS):
-        raise box[0]
-    return box[0]
-
-
-# ----------------------------------------------------------------------------- building
-
-
-def build_model(a, info: data.DatasetInfo, device: torch.device) -> nn.Module:
-    """The network the flags describe, on the device in the chosen memory layout (SyncBatchNorm
-    under --sync-bn, shared statistics under --shared-stats); ValueErrors from the model
-    become user errors."""
-    try:
-        if a.dataset == "imagenet" and a.arch in DIRAC_ARCHS:
-            net = getattr(diracnet, a.arch)(num_classes=info.num_classes, version=a.dirac_version)
-        elif a.dataset == "imagenet":
-            net = getattr(densenet, a.arch)(
-                num_classes=info.num_classes, drop_rate=a.drop_rate,
-                memory_efficient=a.memory_efficient,
-            )  # fmt: skip
-        elif a.model == "diracnet":
-            net = diracnet.diracnet_cifar(
-                a.depth, a.width, info.num_classes, info.in_channels, version=a.dirac_version
-            )
-        else:
-            net = densenet.densenet_cifar(
-                a.depth, a.growth, bottleneck=a.bottleneck, compression=a.compression,
-                drop_rate=a.drop_rate, num_classes=info.num_classes,
-                in_channels=info.in_channels, memory_efficient=a.memory_efficient,
-            )  # fmt: skip
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if a.sync_bn:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    if a.shared_stats:
-        net = sharedstats.convert_shared_stats(net)
-    layout = torch.channels_last if a.channels_last else torch.preserve_format
-    return net.to(device, memory_format=layout)
-
-
-def build_data(a, place: Placement) -> tuple[data.DatasetInfo, data.BatchSource, dict]:
-    """(info, training batches, {"val"?: ..., "test": ...}); small datasets live on the device."""
-    rank, world, device = place.rank, place.world, place.device
-    if a.dataset == "imagenet":
-        info, train, val = data.imagenet(
-            a.data_dir, a.batch_size, workers=a.workers, seed=a.seed, rank=rank,
-            world_size=world, ten_crop=a.ten_crop, colour=a.colour_augment, device=device,
-            channels_last=a.channels_last,
-        )  # fmt: skip
-        return info, train, {"test": val}
-    info = data.DATASETS[a.dataset]
-    # Under torchrun each node's first process downloads while the others wait, so no two
-    # processes write the same files; every process passes exactly one barrier.
-    first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"
-    if world > 1 and not first_on_node:
-        dist.barrier()
-    splits = data.load(a.dataset, a.data_dir, device, train_subset=a.train_subset,
-                       val_split=a.val_split, seed=a.seed)  # fmt: skip
-    if world > 1 and first_on_node:
-        dist.barrier()
-    mean, std = data.normalisation(info, splits["train"])
-    common = {"mean": mean, "std": std, "rank": rank, "world_size": world,
-              "channels_last": a.channels_last}  # fmt: skip
-    try:
-        train = data.Batches(
-            splits["train"], a.batch_size, train=True, augment=a.augment, crop_pad=info.crop_pad,
-            flip=info.flip, pad_mode=a.pad_mode, seed=a.seed, **common,
-        )  # fmt: skip
-        evals = {
-            name: data.Batches(splits[name], a.batch_size, train=False, **common)
-            for name in ("val", "test")
-            if name in splits
-        }
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return info, train, evals
-
-
-def build_optimizer(a, model: nn.Module) -> torch.optim.SGD:
-    """SGD as the recipe sets it; fused on CUDA (one kernel, and GradScaler then unscales and
-    checks for infs on the device, without a host sync)."""
-    if a.model == "diracnet":  # decay on conv and linear weights only (official recipe)
-        params = diracnet.weight_decay_groups(model, a.weight_decay)
-    else:
-        params = [{"params": list(model.parameters()), "weight_decay": a.weight_decay}]
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    try:  # SGD checks lr, momentum and weight decay itself
-        return torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov, **fused)
-    except ValueError as e:
-        raise UserError(f"{e} (--lr, --momentum, --weight-decay, --nesterov)") from None
-
-
-def build_scheduler(a, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """The recipe's lr schedule: stepped once an epoch at the official code's drops
-    (recipes.lr_drops), or under cosine once a training step (recipes.cosine)."""
-    if a.schedule == "cosine":
-        total = a.epochs * steps_per_epoch
-        return torch.optim.lr_scheduler.LambdaLR(opt, partial(recipes.cosine, total=total))
-    drops = recipes.lr_drops(a.schedule, a.milestones, a.epochs)
-    return torch.optim.lr_scheduler.MultiStepLR(opt, drops, gamma=a.gamma)
-
-
-def model_and_optimizer(a, info: data.DatasetInfo, device: torch.device) -> tuple:
-    """(net, optimizer): every model and optimizer flag checked."""
-    net = build_model(a, info, device)
-    return net, build_optimizer(a, net)
-
-
-def wrap(a, place: Placement, state: runstate.RunState, train: data.BatchSource) -> nn.Module:
-    """The model the loop calls: the net under DDP and torch.compile as asked; a compiler
-    that fails is reported in one line and the run continues eagerly. Where the CPU chose
-    compiling, compiled and eager steps are timed first and the faster one kept."""
-    net = model = state.model
-    if place.world > 1:
-        ids = [place.device.index] if place.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    if not a.compile:
-        return model
-    t0 = time.perf_counter()
-    compiled, failure = engine.compile_or_eager(model, net, a.compile_mode, train, a.amp, place.world)
-    if failure:
-        a.compile = False  # args.json says what runs
-    if place.rank == 0 and failure:
-        print(f"warning: torch.compile failed, training eagerly: {failure}", file=sys.stderr)
-    elif place.rank == 0:
-        print(f"compiled the model in {time.perf_counter() - t0:.0f} s", flush=True)
-    if failure or not recipes.measures_compile(a, place.device.type):
-        return compiled
-    return faster(a, place, state, train, {"eager": model, "compiled": compiled})
-
-
-def faster(a, place: Placement, state: runstate.RunState, train: data.BatchSource,
-           models: dict[str, nn.Module]) -> nn.Module:  # fmt: skip
-    """The faster of the eager and the compiled model on this machine, timed on the run's
-    first batches without changing the run; args.json records the figures (a.compile_measured)."""
-    t0 = time.perf_counter()
-    times = engine.step_times(models, state.model, state.optimizer, state.scaler, train, a.amp,
-                              recipes.COMPILE_TIMED_STEPS)  # fmt: skip
-    choice = recipes.choose_compile(times["eager"], times["compiled"])
-    choice["timing_s"] = time.perf_counter() - t0  # what timing added to the start
-    if place.world > 1:  # every rank takes rank 0's choice
-        choice = on_rank0(place, lambda: choice)
-    a.compile, a.compile_measured = choice["compile"], choice
-    if place.rank == 0:
-        print(recipes.compile_line(choice), flush=True)
-    if a.compile:
-        return models["compiled"]
-    torch.compiler.reset()  # free the compiled graphs
-    return models["eager"]
-
+from training import building, data, engine, files, paper, recipes, runstate
+from training.engine import USER_ERRORS, Placement, on_rank0
+from training.errors import UserError
+from training.figures import Background
+from training.settings import (
+    FIXED_ON_RESUME,
+    IDENTITY,
+    INVOCATION,
+    Settings,
+    host,
+    parse_args,
+    resolve,
+    run_folder,
+    run_name,
+)
 
 # ----------------------------------------------------------------------------- run files
 
@@ -250,22 +60,24 @@ def start_or_resume(given: dict, save: Path) -> dict | None:
     return ckpt
 
 
-def resumed_changes(given: dict, a, ckpt: dict) -> list[dict]:
+def resumed_changes(given: dict, settings: Settings, ckpt: dict) -> list[dict]:
     """The flags typed with --resume that change the run, each from the checkpoint's epoch
     and step on; refuses, in one line, those a resumed run cannot honour."""
     old, epoch, step = ckpt["args"], ckpt["epoch"], ckpt["step"]
-    typed = [k for k in given if k not in INVOCATION and vars(a)[k] != old.get(k)]
+    typed = [k for k in given if k not in INVOCATION and vars(settings)[k] != old.get(k)]
     for k in typed:
-        why = recipes.FIXED_ON_RESUME.get(k)
+        why = FIXED_ON_RESUME.get(k)
         if why is None and k == "batch_size" and step:
             why = f"the checkpoint is {step} batches into epoch {epoch + 1} (it can change at an epoch's start)"
         if why:
             raise UserError(f"--resume: --{k.replace('_', '-')} {given[k]} (checkpoint: {old.get(k)}) cannot change: {why}")
     at_least = epoch + (step > 0)
-    if a.epochs < at_least:
+    if settings.epochs < at_least:
         done = f"{epoch} epochs" + " and part of the next" * (step > 0)
-        raise UserError(f"--resume: --epochs {a.epochs}: the checkpoint has done {done}; give at least {at_least}")
-    return [{"epoch": epoch + 1, "step": step, "flag": k, "from": old.get(k), "to": vars(a)[k]} for k in typed]
+        raise UserError(f"--resume: --epochs {settings.epochs}: the checkpoint has done {done}; "
+                        f"give at least {at_least}")  # fmt: skip
+    now = vars(settings)
+    return [{"epoch": epoch + 1, "step": step, "flag": k, "from": old.get(k), "to": now[k]} for k in typed]
 
 
 def change_line(change: dict) -> str:
@@ -288,22 +100,23 @@ def schedule_line(ckpt: dict, state: runstate.RunState, drops: list[int]) -> str
 class Reporter:
     """Rank 0's outputs: the console, args.json, log.csv, TensorBoard and the figures."""
 
-    def __init__(self, save: Path, a, place: Placement, state: runstate.RunState) -> None:
+    def __init__(self, save: Path, settings: Settings, place: Placement,
+                 state: runstate.RunState) -> None:  # fmt: skip
         """Repair log.csv to the checkpoint's epochs (a warning line says what changed) and
         write args.json."""
         self.save, self.on = save, place.rank == 0
         self.tty = self.on and sys.stderr.isatty()
-        self.args = vars(a)
+        self.args = vars(settings)
         self.writer = None
         if self.on:
             state.log, repaired = runstate.repair_log(save / "log.csv", state.epoch, state.log)
             if repaired:
                 print(f"warning: {repaired}", file=sys.stderr)
             meta = {"torch": torch.__version__, "device": str(place.device),
-                    "world_size": place.world, "host": recipes.host(), **paper.record(self.args)}  # fmt: skip
+                    "world_size": place.world, "host": host(), **paper.record(self.args)}  # fmt: skip
             files.write_text(save / "args.json", json.dumps({**self.args, **meta}, indent=2) + "\n")
-            self.writer = tensorboard(save) if a.tensorboard else None
-        self.figures = plot.Background(save, enabled=a.plot and self.on)
+            self.writer = tensorboard(save) if settings.tensorboard else None
+        self.figures = Background(save, enabled=settings.plot and self.on)
 
     def say(self, line: str) -> None:
         if self.on:
@@ -352,22 +165,22 @@ def reported(save: Path, settings: dict) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
-def logs_top5(a, num_classes: int) -> bool:
+def logs_top5(settings: Settings, num_classes: int) -> bool:
     """Top-5 errors for 100+ classes, and always for ImageNet (the paper's metric)."""
-    return num_classes >= 100 or a.dataset == "imagenet"
+    return num_classes >= 100 or settings.dataset == "imagenet"
 
 
-def fit(a, state: runstate.RunState, model: nn.Module, train: data.BatchSource, evals: dict,
-        out: Reporter, stop: engine.Stop, place: Placement, top5: bool) -> int:  # fmt: skip
+def fit(settings: Settings, state: runstate.RunState, model: nn.Module, train: data.BatchSource,
+        evals: dict, out: Reporter, stop: engine.Stop, place: Placement, top5: bool) -> int:  # fmt: skip
     """The epoch loop; returns 0, or 128 + signal number after saving a stopped run."""
-    save, world = Path(a.save), place.world
+    save, world = Path(settings.save), place.world
     group = dist.new_group(backend="gloo") if world > 1 else None  # stop votes, on the CPU
-    while state.epoch < a.epochs:
+    while state.epoch < settings.epochs:
         # Train: the rest of this epoch (all of it unless resumed mid-epoch).
         lr = state.epoch_lr()
         t0 = time.perf_counter()
         state.sums, state.step, signum = engine.train_epoch(
-            model, state.optimizer, state.scaler, train, state.sums, amp=a.amp, top5=top5,
+            model, state.optimizer, state.scaler, train, state.sums, amp=settings.amp, top5=top5,
             start=state.step, stop=stop, group=group, progress=out.tty,
             scheduler=state.scheduler if state.per_step else None,
         )  # fmt: skip
@@ -385,13 +198,13 @@ def fit(a, state: runstate.RunState, model: nn.Module, train: data.BatchSource, 
         row = {"epoch": state.epoch + 1, "lr": lr}
         row |= engine.summarise(engine.reduce(state.sums, world), "train", top5)
         for name, batches in evals.items():
-            row |= engine.summarise(engine.evaluate(model, batches, a.amp, top5, world), name, top5)
+            row |= engine.summarise(engine.evaluate(model, batches, settings.amp, top5, world), name, top5)
         row["seconds"] = state.seconds
         # Schedule the next epoch's lr (a per-step schedule stepped in train_epoch);
         # DiracNet's official trainer makes a new optimizer at each drop, which restarts momentum.
         if not state.per_step:
             state.scheduler.step()
-        if a.restart_momentum and state.optimizer.param_groups[0]["lr"] != lr:
+        if settings.restart_momentum and state.optimizer.param_groups[0]["lr"] != lr:
             state.optimizer.state.clear()
         # Select on validation error only, never on test error.
         improved = "val_err" in row and row["val_err"] < state.best
@@ -408,14 +221,14 @@ def fit(a, state: runstate.RunState, model: nn.Module, train: data.BatchSource, 
 
 def configure(given: dict, place: Placement) -> tuple:
     """(settings, notes, checkpoint or None): the flags, the recipe, the device and a
-    resumed run's settings, resolved once; a.changes lists the flags changed on each
+    resumed run's settings, resolved once; settings.changes lists the flags changed on each
     --resume, with the epoch they took effect."""
-    save = recipes.run_folder(given)
+    save = run_folder(given)
     ckpt = on_rank0(place, lambda: start_or_resume(given, save))
-    a, notes = recipes.resolve(given, recipes.probe(place.device), ckpt and ckpt["args"])
-    changes = resumed_changes(given, a, ckpt) if ckpt else []
-    a.changes = [*(ckpt["args"].get("changes", []) if ckpt else []), *changes]
-    return a, notes + [change_line(c) for c in changes], ckpt
+    settings, notes = resolve(given, recipes.probe(place.device), ckpt and ckpt["args"])
+    changes = resumed_changes(given, settings, ckpt) if ckpt else []
+    settings.changes = [*(ckpt["args"].get("changes", []) if ckpt else []), *changes]
+    return settings, notes + [change_line(c) for c in changes], ckpt
 
 
 def claim(save: Path, place: Placement) -> files.RunLock | None:
@@ -434,33 +247,33 @@ def claim(save: Path, place: Placement) -> files.RunLock | None:
     return lock
 
 
-def build(a, place: Placement, ckpt: dict | None, notes: list[str]) -> tuple:
+def build(settings: Settings, place: Placement, ckpt: dict | None, notes: list[str]) -> tuple:
     """(state, model, info, training batches, evaluation batches): the model is built and
     checked before any data is read. A CPU run too short to pay back compiling is not
     compiled (a note says so)."""
-    torch.manual_seed(a.seed + place.rank)  # dropout differs per rank; data draws are shared
-    random.seed(a.seed)
-    np.random.seed(a.seed)
-    small = data.DATASETS.get(a.dataset)  # ImageNet counts its classes in the data
-    built = model_and_optimizer(a, small, place.device) if small else None
-    data.check_folder(Path(a.data_dir))
-    info, train_batches, evals = build_data(a, place)
-    net, opt = built or model_and_optimizer(a, info, place.device)
-    sched = build_scheduler(a, opt, len(train_batches))
-    scaler = torch.amp.GradScaler(place.device.type, enabled=a.amp == "fp16")
-    per_step = len(train_batches) if a.schedule in recipes.PER_STEP else 0
+    torch.manual_seed(settings.seed + place.rank)  # dropout differs per rank; data draws are shared
+    random.seed(settings.seed)
+    np.random.seed(settings.seed)
+    small = data.DATASETS.get(settings.dataset)  # ImageNet counts its classes in the data
+    built = building.model_and_optimizer(settings, small, place.device) if small else None
+    data.check_folder(Path(settings.data_dir))
+    info, train_batches, evals = building.build_data(settings, place)
+    net, opt = built or building.model_and_optimizer(settings, info, place.device)
+    sched = building.build_scheduler(settings, opt, len(train_batches))
+    scaler = torch.amp.GradScaler(place.device.type, enabled=settings.amp == "fp16")
+    per_step = len(train_batches) if settings.schedule in recipes.PER_STEP else 0
     state = runstate.RunState(net, opt, sched, scaler, train_batches.generator, place.rank,
                               place.world, per_step=per_step)  # fmt: skip
-    a.lr_drops = [] if per_step else sorted(sched.milestones.elements())  # as it runs
+    settings.lr_drops = [] if per_step else sorted(sched.milestones.elements())  # as it runs
     if ckpt is not None:
         state.load_state_dict(ckpt)
-        notes += filter(None, [schedule_line(ckpt, state, a.lr_drops)])
-    steps_left = len(train_batches) * (a.epochs - state.epoch) - state.step
-    if a.compile and not recipes.compile_pays(a, place.device.type, steps_left):
-        a.compile = False
+        notes += filter(None, [schedule_line(ckpt, state, settings.lr_drops)])
+    steps_left = len(train_batches) * (settings.epochs - state.epoch) - state.step
+    if settings.compile and not recipes.compile_pays(settings, place.device.type, steps_left):
+        settings.compile = False
         notes.append(f"compile off: {steps_left} training steps left are too few to pay back "
                      f"compiling on the CPU (--compile compiles anyway)")  # fmt: skip
-    return state, wrap(a, place, state, train_batches), info, train_batches, evals
+    return state, building.wrap(settings, place, state, train_batches), info, train_batches, evals
 
 
 def train(given: dict, place: Placement) -> int:
@@ -469,7 +282,7 @@ def train(given: dict, place: Placement) -> int:
     for flag in ("export", "pretrained"):
         if flag in given:
             raise UserError(f"--{flag} goes with --evaluate")
-    lock = claim(recipes.run_folder(given), place)
+    lock = claim(run_folder(given), place)
     try:
         return run_in_folder(given, place, lock)
     finally:
@@ -479,23 +292,24 @@ def train(given: dict, place: Placement) -> int:
 
 def run_in_folder(given: dict, place: Placement, lock: files.RunLock | None) -> int:
     """The run in a claimed folder; from the first write on, the folder is this run's."""
-    a, notes, ckpt = configure(given, place)
-    with engine.process_settings(place.device, a.deterministic) as stop:
-        state, model, info, train_batches, evals = build(a, place, ckpt, notes)
+    settings, notes, ckpt = configure(given, place)
+    with engine.process_settings(place.device, settings.deterministic) as stop:
+        state, model, info, train_batches, evals = build(settings, place, ckpt, notes)
         if lock:
             lock.keep()
-        out = Reporter(Path(a.save), a, place, state)
+        out = Reporter(Path(settings.save), settings, place, state)
         for note in notes:
             out.say(f"note: {note}")
         params = sum(p.numel() for p in state.model.parameters())
-        out.say(f"{a.save}: {recipes.run_name(vars(a))} on {a.dataset}, {params:,} parameters, "
-                f"{place.device} x{place.world}, amp {a.amp}, channels_last "
-                f"{'on' if a.channels_last else 'off'}, compile {a.compile_mode if a.compile else 'off'}, "
-                f"epoch {state.epoch + 1} of {a.epochs}")  # fmt: skip
-        top5 = logs_top5(a, info.num_classes)
-        code = fit(a, state, model, train_batches, evals, out, stop, place, top5)
+        compiled = settings.compile_mode if settings.compile else "off"
+        out.say(f"{settings.save}: {run_name(vars(settings))} on {settings.dataset}, "
+                f"{params:,} parameters, {place.device} x{place.world}, amp {settings.amp}, "
+                f"channels_last {'on' if settings.channels_last else 'off'}, compile {compiled}, "
+                f"epoch {state.epoch + 1} of {settings.epochs}")  # fmt: skip
+        top5 = logs_top5(settings, info.num_classes)
+        code = fit(settings, state, model, train_batches, evals, out, stop, place, top5)
     if code == 0 and place.rank == 0:  # the log is on rank 0's machine
-        out.say(reported(Path(a.save), vars(a)))
+        out.say(reported(Path(settings.save), vars(settings)))
     return code
 
 
@@ -508,54 +322,59 @@ def evaluate(given: dict, place: Placement) -> int:
     if "pretrained" in given:
         if given.get("dataset") != "imagenet":
             raise UserError("--pretrained takes torchvision ImageNet weights: add --dataset imagenet")
-        a, _ = recipes.resolve(given, recipes.probe(place.device))
+        settings, _ = resolve(given, recipes.probe(place.device))
     else:  # a locked run may be read: its checkpoints are replaced atomically
         ckpt = runstate.load_checkpoint(given["evaluate"])
         # the run's model, and its data: the same held-out images, batches that fit
         kept = (*IDENTITY, "val_split", "seed", "train_subset", "batch_size")
         old = {k: v for k, v in ckpt["args"].items() if k in kept}
-        a, _ = recipes.resolve(given, recipes.probe(place.device), old)
+        settings, _ = resolve(given, recipes.probe(place.device), old)
     if "export" not in given:
-        return evaluate_net(a, place, ckpt)
-    if a.model != "diracnet":
+        return evaluate_net(settings, place, ckpt)
+    if settings.model != "diracnet":
         raise UserError("--export folds a DiracNet; this network is a DenseNet")
     target = on_rank0(place, lambda: files.output(given["export"], "--export"))
     try:
-        return evaluate_net(a, place, ckpt, target.path)
+        return evaluate_net(settings, place, ckpt, target.path)
     except BaseException:
         if place.rank == 0:
             target.undo()
         raise
 
 
-def evaluate_net(a, place: Placement, ckpt: dict | None, export_to: Path | None = None) -> int:
+def evaluate_net(settings: Settings, place: Placement, ckpt: dict | None,
+                 export_to: Path | None = None) -> int:  # fmt: skip
     """Build the network, load the checkpoint (or --pretrained), print each split's row;
     then write the folded DiracNet to export_to."""
-    info, _, evals = build_data(a, place)
-    net = build_model(a, info, place.device)
+    info, _, evals = building.build_data(settings, place)
+    net = building.build_model(settings, info, place.device)
     try:
         if ckpt is None:
-            densenet.load_torchvision_state_dict(net, runstate.load_file(a.pretrained))
+            densenet.load_torchvision_state_dict(net, runstate.load_file(settings.pretrained))
         else:
             net.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError) as e:
-        raise UserError(f"{a.pretrained if ckpt is None else a.evaluate}: {str(e).splitlines()[0]}") from None
-    top5 = logs_top5(a, info.num_classes)
+        source = settings.pretrained if ckpt is None else settings.evaluate
+        raise UserError(f"{source}: {str(e).splitlines()[0]}") from None
+    top5 = logs_top5(settings, info.num_classes)
     for name, batches in evals.items():
-        row = engine.summarise(engine.evaluate(net, batches, a.amp, top5, place.world), name, top5)
+        row = engine.summarise(engine.evaluate(net, batches, settings.amp, top5, place.world), name, top5)
         if place.rank == 0:
             print(" ".join(f"{k} {v:.4f}" for k, v in row.items()))
     if export_to and place.rank == 0:
-        export(a, net, info, export_to)
+        export(settings, net, info, export_to)
     return 0
 
 
-def export(a, net: nn.Module, info: data.DatasetInfo, path: Path) -> None:
+def export(settings: Settings, net: nn.Module, info: data.DatasetInfo, path: Path) -> None:
     """Write the folded DiracNet and print how to rebuild it."""
     folded = diracnet.fold(net.float().cpu().eval())
-    version = "" if a.dirac_version == 2 else ", version=1"
-    builder = (f"{a.arch}(num_classes={info.num_classes}{version})" if a.dataset == "imagenet" else
-               f"diracnet_cifar({a.depth}, {a.width:g}, {info.num_classes}, {info.in_channels}{version})")  # fmt: skip
+    version = "" if settings.dirac_version == 2 else ", version=1"
+    if settings.dataset == "imagenet":
+        builder = f"{settings.arch}(num_classes={info.num_classes}{version})"
+    else:
+        builder = (f"diracnet_cifar({settings.depth}, {settings.width:g}, {info.num_classes}, "
+                   f"{info.in_channels}{version})")  # fmt: skip
     rebuild = f"net = diracnet.fold(diracnet.{builder}); net.load_state_dict(torch.load(path)['state_dict'])"
     runstate.atomic_save({"state_dict": folded.state_dict(), "rebuild": rebuild}, path)
     print(f"wrote the folded network to {path}; rebuild with: {rebuild}")
@@ -564,8 +383,8 @@ def export(a, net: nn.Module, info: data.DatasetInfo, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; a user error is one line on stderr (exit 2; 1 for data)."""
     try:
-        given = recipes.parse_args(argv, __doc__)
-        place = setup_distributed(given.get("device", "auto"))
+        given = parse_args(argv, __doc__)
+        place = engine.setup_distributed(given.get("device", "auto"))
         code = evaluate(given, place) if "evaluate" in given else train(given, place)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,9 +32,9 @@ def main() -> None:
     p.add_argument(
         "--out", default=str(ROOT / "results" / "accuracy-fashion-mnist.json")
     )
-    a = p.parse_args()
+    args = p.parse_args()
     rows = []
-    for seed in a.seeds:
+    for seed in args.seeds:
         for mode, flags in MODES.items():
             save = (
                 ROOT
@@ -42,8 +42,8 @@ def main() -> None:
                 / f"accuracy.{'fast' if 'bf16' in flags else 'naive'}.seed{seed}"
             )
             cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "fashion-mnist",
-                   "--depth", str(a.depth), "--growth", str(a.growth), "--epochs", str(a.epochs),
-                   "--train-subset", str(a.train_subset), "--seed", str(seed), "--save", str(save),
+                   "--depth", str(args.depth), "--growth", str(args.growth), "--epochs", str(args.epochs),
+                   "--train-subset", str(args.train_subset), "--seed", str(seed), "--save", str(save),
                    "--no-plot", *flags]  # fmt: skip
             if (save / "latest.pt").exists():
                 cmd.append("--resume")
@@ -57,11 +57,11 @@ def main() -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
                "command": " ".join(["python", "attic/fast_vs_naive.py", *sys.argv[1:]])}  # fmt: skip
-    Path(a.out).write_text(
+    Path(args.out).write_text(
         json.dumps({"machine": machine, "runs": rows}, indent=2) + "\n"
     )
-    print(f"`{machine['command']}` (DenseNet-BC-{a.depth}-{a.growth}, {a.epochs} epochs, "
-          f"{a.train_subset} training images)\n")  # fmt: skip
+    print(f"`{machine['command']}` (DenseNet-BC-{args.depth}-{args.growth}, {args.epochs} epochs, "
+          f"{args.train_subset} training images)\n")  # fmt: skip
     print("| mode | seed | test error % | test loss | s/epoch |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['seed']} | {r['test_err']:.2f} | {r['test_loss']:.4f} | "

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """DenseNet-BC-100-12 training speed on the CPU: what ./train.py does by default, beside the
 public CIFAR DenseNets of bamos/densenet.pytorch, andreasveit/densenet-pytorch and
-gpleiss/efficient_densenet_pytorch in their eager modes (issue 21's comparison).
+gpleiss/efficient_densenet_pytorch in their eager modes. results/peers-cpu.md holds its
+output of 2026-12-04 (2 threads, AVX-512 BF16, torch 2.14.1+cu130) under its command.
 
 Their files are not part of this repository: fetch them and pass the folder that holds
 bamos_densenet.py (densenet.py there), veit_densenet.py (densenet.py) and
@@ -26,9 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import densenet
-import engine
-import recipes
 import sharedstats
+from training import engine, recipes
 
 # (name, file, constructor): DenseNet-BC-100-12 for 10 classes in each file's own terms
 PEERS = (
@@ -90,9 +90,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps a row a round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps a row a round")
     p.add_argument("--out", type=Path, help="also write the table here")
-    a = p.parse_args()
+    args = p.parse_args()
     with engine.process_settings(torch.device("cpu")):
-        steps = rows(a.peers)
+        steps = rows(args.peers)
         t0 = time.perf_counter()
         for fn in steps.values():  # first steps: compiling, allocator warm-up
             fn()
@@ -100,12 +100,12 @@ def main() -> None:
             f"first steps (compiling included): {time.perf_counter() - t0:.0f} s", file=sys.stderr
         )
         times = {name: [] for name in steps}
-        for r in range(a.rounds):
+        for r in range(args.rounds):
             for name, fn in steps.items():
-                for i in range(a.warmup + a.steps):
+                for i in range(args.warmup + args.steps):
                     t = time.perf_counter()
                     fn()
-                    if i >= a.warmup:
+                    if i >= args.warmup:
                         times[name].append(time.perf_counter() - t)
             print(f"round {r + 1} done", file=sys.stderr)
     speed = {name: 64 / statistics.median(t) for name, t in times.items()}
@@ -114,7 +114,7 @@ def main() -> None:
         set(Path("/proc/cpuinfo").read_text().split())
         & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
     )
-    lines = [f"`python attic/peers_cpu.py --rounds {a.rounds} --steps {a.steps}`, torch {torch.__version__}, "
+    lines = [f"`python attic/peers_cpu.py --rounds {args.rounds} --steps {args.steps}`, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, CPU flags {' '.join(flags)}, {time.strftime('%Y-%m-%d')}",
              "", "| model, mode | img/s | / fastest peer |", "|---|---:|---:|"]  # fmt: skip
     for name, v in speed.items():
@@ -122,8 +122,8 @@ def main() -> None:
     lines.append(f"\nFastest peer row: {best_peer[1]} ({best_peer[0]:.1f} img/s).")
     text = "\n".join(lines) + "\n"
     print(text)
-    if a.out:
-        a.out.write_text(text)
+    if args.out:
+        args.out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ distance carries the same amplification; a host whose kernels round differently 
 both distances together, while a wrong result moves one path only, and by far more than
 rounding does. The factor a test allows says how differently the two paths round (the
 same kernels in another order, kernels that sum differently, operands rounded to bf16).
+
+Last, the float64 checks that two paths of one DenseNet compute the same thing: gradcheck,
+and two SGD steps side by side.
 """
 
 import copy
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import engine
+from training import engine
 
 # fp32's unit roundoff: the floor of any fp32 path's distance to float64 (one rounding of
 # the result itself), so a quantity the plain path happens to get exact still has a bound.
@@ -196,3 +199,44 @@ def assert_forward_within(got: Tensor, model: nn.Module, x: Tensor, factor: floa
     base = max((fp32 - exact).norm().item(), floor)
     error = (got.double() - exact).norm().item()
     assert error <= factor * base, f"{error / base:.3g} x eager fp32's distance to float64"
+
+
+def assert_gradcheck(model: nn.Module) -> None:
+    """torch.autograd.gradcheck of model's output against its input and every parameter."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        return torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (x,))
+
+    # float64 central differences with eps 1e-6: truncation ~eps^2 and rounding ~2^-53/eps,
+    # both under 1e-9 before BN's amplification (below 10^5): within atol 1e-5 on any host
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)  # same dropout masks on both paths
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    return out
+
+
+def assert_same_float64_steps(plain: nn.Module, other: nn.Module) -> None:
+    """Two training steps of two float64 DenseNets of the same weights on one batch (the same
+    dropout masks): outputs, accumulated gradients and buffers (running statistics, batches
+    counted once a step)."""
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    # float64, the same computation: outputs within 1e-12 (2^-53 times little amplification),
+    # gradients 1e-10 (BN's backward at initialisation amplifies up to 10^5: SAME_IN_FLOAT64)
+    for step in range(2):
+        a = _train_step(plain, x, y, step)
+        b = _train_step(other, x, y, step)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(plain.named_parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, s), t in zip(plain.named_buffers(), other.buffers(), strict=True):
+        torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12, msg=name)
+    for m in (plain, other):
+        assert m.features.denseblock1.denselayer2.norm1.num_batches_tracked.item() == 2

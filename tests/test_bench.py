@@ -13,11 +13,10 @@ import torch
 from torch import nn
 
 import bench
-import gpucheck
-import measuring
 import reference
 import synthetic
-import train
+from benchmarks import gpucheck, measuring
+from training import building
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"model", "batch", "mode", "img_per_s", "peak_mem_bytes", "speedup_vs_naive",
@@ -134,7 +133,7 @@ def fast_paths() -> reference.Comparison:
         name: reference.Path({"memory_efficient": mode.memory_efficient}, mode.channels_last, mode.amp)
         for name, mode in FAST.items()
     }
-    optimizer = lambda model: train.build_optimizer(recipe, model)  # noqa: E731
+    optimizer = lambda model: building.build_optimizer(recipe, model)  # noqa: E731
     return reference.compare(measuring.MODELS["tiny"][0], x, y, 2, paths, optimizer)
 
 
@@ -248,17 +247,16 @@ def test_bench_device_is_cpu_or_cuda(capsys):
     assert err == "bench.py: error: --device mps: bench.py runs on cpu or cuda\n"
 
 
-@pytest.mark.parametrize("entry", [["bench.py", "--gpu-check"], ["gpucheck.py"]])
-def test_gpu_check_without_a_gpu_refuses_unless_given_the_cpu(tmp_path: Path, entry):
+def test_gpu_check_without_a_gpu_refuses_unless_given_the_cpu(tmp_path: Path):
     """No usable GPU (hidden, so on every host): one line naming torch's reason, exit status
     2, nothing written (not the default results file either); --device cpu runs it (below)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    ask = "import engine; print(engine.cuda_unusable_reason() or 'built without CUDA')"
+    ask = "from training import engine; print(engine.cuda_unusable_reason() or 'built without CUDA')"
     reason = subprocess.run([sys.executable, "-c", ask], cwd=ROOT, env=env, capture_output=True,
                             text=True, check=True).stdout.strip()  # fmt: skip
     default_file = ROOT / "results" / "gpu-check-cpu.json"
     assert not default_file.exists()
-    cmd = [sys.executable, *entry, "--tiny", "--budget", "60", "--save", str(tmp_path / "work")]
+    cmd = [sys.executable, "bench.py", "--gpu-check", "--tiny", "--budget", "60", "--save", str(tmp_path / "work")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1
     assert done.stderr.startswith("bench.py: error: --gpu-check: no usable GPU here (")
@@ -271,8 +269,8 @@ def test_gpu_check_plan_keeps_first_rows_then_the_training_run(tmp_path: Path, c
     peers always, then the training run, the overhead and the resume while they fit; what
     does not fit is skipped at once, each with a line."""
     synthetic.make_mnist(tmp_path, "fashion-mnist", n_train=64, n_test=16)
-    a = gpucheck.parse_args(["--device", "cpu", "--tiny", "--data-dir", str(tmp_path)])
-    check = gpucheck.Check(a, tmp_path / "check.json", {})
+    args = gpucheck.parse_args(["--device", "cpu", "--tiny", "--data-dir", str(tmp_path)])
+    check = gpucheck.Check(args, tmp_path / "check.json", {})
     need = {part: check.first_need(part) for part in gpucheck.PARTS}
     rows = need["modes"] + need["memory"] + need["peers"]
     check.plan(list(gpucheck.PARTS), rows + need["train"])

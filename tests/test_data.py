@@ -12,8 +12,8 @@ from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
 
-import data
 import synthetic
+from training import data
 
 as_tensor, assert_split = synthetic.as_tensor, synthetic.assert_split
 

@@ -4,9 +4,8 @@ a real local HTTP server: downloads, archives in place, and every refusal one li
 import pytest
 from torchvision import datasets
 
-import data
-import datafiles
 import synthetic
+from training import data, datafiles
 
 assert_split = synthetic.assert_split
 

@@ -1,25 +1,19 @@
 """densenet.py against independent facts: the paper's parameter counts, gradcheck,
 the plain path for the memory-efficient one, and torchvision's DenseNet."""
 
-import collections
 import copy
 import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import densenet as D
-import paper
-from engine import saved_activation_bytes
-from reference import assert_same_computation
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
+from helpers import count_calls, n_params, tiny_densenet
+from reference import assert_gradcheck, assert_same_computation, assert_same_float64_steps
+from training import paper
+from training.engine import saved_activation_bytes
 
 # Parameter counts of the paper's models (paper.py: Table 2's rounded to its printed
 # millions, Table 3's torchvision's published figures), and one at 100 classes.
@@ -108,84 +102,39 @@ def test_dropout_follows_every_conv_but_the_first():
     assert 0.4 < zeros(seen["pool_in"]) < 0.6  # after the transition conv, before pooling
 
 
-def _tiny(
-    bottleneck: bool,
-    memory_efficient: bool = False,
-    drop_rate: float = 0.0,
-    dtype: torch.dtype = torch.float64,
-) -> D.DenseNet:
-    """A small DenseNet, in float64 by default."""
-    torch.manual_seed(0)
-    return D.DenseNet(
-        growth_rate=3,
-        block_config=(2, 2),
-        num_init_features=4,
-        bottleneck=bottleneck,
-        compression=0.5,
-        drop_rate=drop_rate,
-        num_classes=3,
-        memory_efficient=memory_efficient,
-    ).to(dtype)
-
-
-def assert_gradcheck(model: nn.Module) -> None:
-    """torch.autograd.gradcheck of model's output against its input and every parameter."""
-    names = [n for n, _ in model.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-
-    def f(x, *ps):
-        return torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (x,))
-
-    # float64 central differences with eps 1e-6: truncation ~eps^2 and rounding ~2^-53/eps,
-    # both under 1e-9 before BN's amplification (below 10^5): within atol 1e-5 on any host
-    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+def test_a_bottleneck_layer_drops_out_after_both_its_convs():
+    """DenseNet-B's layer: dropout after the 1x1 bottleneck conv (what the 3x3 conv reads)
+    and after the 3x3 conv (what the layer adds to the block)."""
+    m = D.densenet_cifar(10, 4, drop_rate=0.5)  # BC: one bottleneck layer per block
+    layer = m.features.denseblock1.denselayer1
+    seen = {}
+    layer.norm2.register_forward_pre_hook(lambda mod, i: seen.__setitem__("after_1x1", i[0]))
+    layer.register_forward_hook(lambda mod, i, o: seen.__setitem__("after_3x3", o))
+    with torch.no_grad():
+        m(torch.randn(8, 3, 16, 16))
+    zeros = lambda t: (t == 0).float().mean().item()  # of thousands of draws: 0.5 +- 0.01
+    assert 0.4 < zeros(seen["after_1x1"]) < 0.6  # 8 x 16 x 16 x 16 values
+    assert 0.4 < zeros(seen["after_3x3"]) < 0.6  # 8 x 4 x 16 x 16 values
 
 
 @pytest.mark.parametrize("bottleneck", [True, False])
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_gradcheck_float64(bottleneck, memory_efficient):
-    assert_gradcheck(_tiny(bottleneck, memory_efficient))
-
-
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
-    torch.manual_seed(seed)  # same dropout masks on both paths
-    out = model(x)
-    F.cross_entropy(out, y).backward()
-    return out
-
-
-def assert_same_float64_steps(plain: nn.Module, other: nn.Module) -> None:
-    """Two training steps of two float64 models of the same weights on one batch: outputs,
-    accumulated gradients and buffers (running statistics, batches counted once a step)."""
-    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, 1])
-    # float64, the same computation: outputs within 1e-12 (2^-53 times little amplification),
-    # gradients 1e-10 (BN's backward at initialisation amplifies up to 10^5: reference.py)
-    for step in range(2):
-        a = _train_step(plain, x, y, step)
-        b = _train_step(other, x, y, step)
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for (name, p), q in zip(plain.named_parameters(), other.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-    for (name, s), t in zip(plain.named_buffers(), other.buffers(), strict=True):
-        torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12, msg=name)
-    for m in (plain, other):
-        assert m.features.denseblock1.denselayer2.norm1.num_batches_tracked.item() == 2
+    assert_gradcheck(tiny_densenet(bottleneck, memory_efficient))
 
 
 @pytest.mark.parametrize("bottleneck", [True, False])
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])
 def test_memory_efficient_equals_plain(bottleneck, drop_rate):
-    plain = _tiny(bottleneck, drop_rate=drop_rate)
-    efficient = _tiny(bottleneck, True, drop_rate)
+    plain = tiny_densenet(bottleneck, drop_rate=drop_rate)
+    efficient = tiny_densenet(bottleneck, True, drop_rate)
     efficient.load_state_dict(plain.state_dict())
     assert_same_float64_steps(plain, efficient)
 
 
 def test_memory_efficient_layers_read_one_buffer_per_block():
     """Each layer's input is a prefix view of the block's output, not a copy."""
-    model = _tiny(True, memory_efficient=True)
+    model = tiny_densenet(True, memory_efficient=True)
     block = model.features.denseblock1
     inputs, outputs = [], []
     for layer in block.values():
@@ -202,7 +151,7 @@ def test_memory_efficient_layers_read_one_buffer_per_block():
 def test_memory_efficient_under_compile_equals_plain():
     """torch.compile traces the shared-buffer writes and the checkpoint correctly (and its
     recomputation counts each batch once in the running statistics)."""
-    assert_same_float64_steps(_tiny(True), torch.compile(_tiny(True, memory_efficient=True)))
+    assert_same_float64_steps(tiny_densenet(True), torch.compile(tiny_densenet(True, memory_efficient=True)))
 
 
 def _count_norm1_calls(model: D.DenseNet) -> list[int]:
@@ -214,7 +163,7 @@ def _count_norm1_calls(model: D.DenseNet) -> list[int]:
 
 
 def test_recomputation_only_when_training_with_grad():
-    model = _tiny(True, memory_efficient=True)
+    model = tiny_densenet(True, memory_efficient=True)
     calls = _count_norm1_calls(model)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     model(x).sum().backward()
@@ -347,21 +296,12 @@ def test_a_state_dict_that_does_not_fit_is_a_value_error(tmp_path):
     D.load_torchvision_checkpoint(other, good)  # the right model loads
 
 
-def _count_calls(model: nn.Module, kind: type) -> collections.Counter:
-    """How often each module of this kind runs (a forward hook on each), by name."""
-    counts = collections.Counter()
-    for name, m in model.named_modules():
-        if isinstance(m, kind):
-            m.register_forward_hook(lambda *_, n=name: counts.update([n]))
-    return counts
-
-
 def test_training_forward_calls_every_batchnorm_module():
     """The paper's path: every BatchNorm runs as a module in training (its hooks fire),
     plain and memory-efficient (the checkpoint runs norm1 again in backward)."""
     for memory_efficient, calls in ((False, 1), (True, 2)):
         model = D.densenet_cifar(10, 4, memory_efficient=memory_efficient)
-        counts = _count_calls(model, nn.BatchNorm2d)
+        counts = count_calls(model, nn.BatchNorm2d)
         model(torch.randn(2, 3, 16, 16)).sum().backward()
         norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
         assert sorted(counts) == sorted(norms)

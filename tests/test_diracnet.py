@@ -18,13 +18,10 @@ from diracnet import (
     fold,
     weight_decay_groups,
 )
+from helpers import n_params
 from reference import assert_same_computation
 
 CONVS = {1: DiracConv1d, 2: DiracConv2d, 3: DiracConv3d}
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def dirac(conv: nn.Module) -> nn.Module:

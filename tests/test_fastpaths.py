@@ -13,10 +13,12 @@ import pytest
 import torch
 from test_train import ROOT, TINY, assert_same_run, mnist_run, run, subprocess_train
 
-import engine
-import recipes
+import densenet
+import sharedstats
 import synthetic
-import train
+from training import building, data, engine, recipes
+from training.errors import UserError
+from training.settings import resolve
 
 
 def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
@@ -49,7 +51,8 @@ def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
 
 
 FREE_A_BLOCK = """
-import os, sys, torch, engine
+import os, sys, torch
+from training import engine
 if sys.argv[1] == "keep":
     engine.keep_freed_memory()
 def rss():
@@ -80,8 +83,8 @@ def test_keep_freed_memory_keeps_large_blocks_for_reuse(mode):
 def test_the_run_records_its_fast_paths(tmp_path, capsys):
     argv, save = mnist_run(tmp_path)
     code, out, _ = run([*argv, "--epochs", 1], capsys)
-    caps = train.recipes.probe(torch.device("cpu"))
-    amp = train.recipes.device_defaults(caps)["amp"]
+    caps = recipes.probe(torch.device("cpu"))
+    amp = recipes.device_defaults(caps)["amp"]
     args = json.loads((save / "args.json").read_text())
     assert code == 0 and args["amp"] == amp and args["channels_last"] is True
     assert f"amp {amp}, channels_last on, compile off" in out
@@ -92,9 +95,9 @@ def test_devices():
     assert engine.select_device("cpu", 2, 1) == torch.device("cpu")
     for flag, message in [("foo", "expected auto, cpu"), ("cuda", "no usable CUDA"),
                           ("mps", "MPS is not available"), ("meta", "runs on cpu, cuda or mps")]:  # fmt: skip
-        with pytest.raises(train.UserError, match=message):
+        with pytest.raises(UserError, match=message):
             engine.select_device(flag, 1, 0)
-    with pytest.raises(train.UserError, match="torchrun needs cuda or cpu"):
+    with pytest.raises(UserError, match="torchrun needs cuda or cpu"):
         engine.select_device("mps", 2, 0)
 
 
@@ -130,7 +133,7 @@ def test_deterministic_flag_reaches_the_process_and_is_restored(tmp_path, capsys
     assert run([*argv, "--epochs", 1, "--deterministic"], capsys)[0] == 0
     assert json.loads((save / "args.json").read_text())["deterministic"] is True
     assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
-    with train.engine.process_settings(torch.device("cpu"), deterministic=True):
+    with engine.process_settings(torch.device("cpu"), deterministic=True):
         assert torch.are_deterministic_algorithms_enabled()
         assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
 
@@ -155,7 +158,7 @@ def test_training_runs_where_glibc_mallopt_is_missing(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert len(pd.read_csv(save / "log.csv")) == 1
-    assert train.engine.keep_freed_memory(False) == sys.platform.startswith("linux")
+    assert engine.keep_freed_memory(False) == sys.platform.startswith("linux")
 
 
 def test_shared_stats_flag_converts_the_model_and_is_recorded(tmp_path, capsys):
@@ -167,13 +170,13 @@ def test_shared_stats_flag_converts_the_model_and_is_recorded(tmp_path, capsys):
         assert run([*argv, "--epochs", 1, flag, "--save", save], capsys)[0] == 0
         args = json.loads((save / "args.json").read_text())
         assert args["shared_stats"] == (flag == "--shared-stats") and not args["compile"]
-        a, _ = recipes.resolve(
+        settings, _ = resolve(
             {"shared_stats": args["shared_stats"]}, recipes.Capabilities("cpu", False, True)
         )
-        net = train.build_model(a, train.data.DATASETS["mnist"], torch.device("cpu"))
-        blocks = [m for m in net.modules() if isinstance(m, train.densenet._DenseBlock)]
+        net = building.build_model(settings, data.DATASETS["mnist"], torch.device("cpu"))
+        blocks = [m for m in net.modules() if isinstance(m, densenet._DenseBlock)]
         assert blocks and all(
-            isinstance(b, train.sharedstats.SharedStatsBlock) == args["shared_stats"]
+            isinstance(b, sharedstats.SharedStatsBlock) == args["shared_stats"]
             for b in blocks
         )
 
@@ -182,12 +185,12 @@ def tiny_training(seed: int = 0):
     """A DenseNet with dropout, SGD with momentum and augmented batches: every piece of
     state that timing steps could disturb."""
     torch.manual_seed(seed)
-    net = train.densenet.densenet_cifar(10, 4, drop_rate=0.2, num_classes=10, in_channels=1)
+    net = densenet.densenet_cifar(10, 4, drop_rate=0.2, num_classes=10, in_channels=1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
-    split = train.data.Split(torch.randint(0, 256, (96, 1, 28, 28), dtype=torch.uint8, generator=g),
+    split = data.Split(torch.randint(0, 256, (96, 1, 28, 28), dtype=torch.uint8, generator=g),
                              torch.randint(0, 10, (96,), generator=g))  # fmt: skip
-    batches = train.data.Batches(split, 32, train=True, augment=True, crop_pad=2, flip=True)
+    batches = data.Batches(split, 32, train=True, augment=True, crop_pad=2, flip=True)
     return net, opt, torch.amp.GradScaler("cpu", enabled=False), batches
 
 

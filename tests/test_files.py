@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_train import run
 
-import files
 import plot
 import synthetic
+from training import files
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])

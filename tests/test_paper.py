@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 from torchvision import datasets
 
-import paper
 import plot
-import recipes
 import synthetic
 import train
+from helpers import write_run
+from training import paper, recipes
+from training.settings import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = recipes.Capabilities("cpu", False, True)
@@ -23,8 +24,8 @@ CPU = recipes.Capabilities("cpu", False, True)
 
 def settings(given: dict) -> dict:
     """Every setting of a run with these flags, as train.py resolves and records them."""
-    a, _ = recipes.resolve({"save": "x", **given}, CPU)
-    return vars(a)
+    resolved, _ = resolve({"save": "x", **given}, CPU)
+    return vars(resolved)
 
 
 def test_readme_tables_are_paper_py_output():
@@ -102,12 +103,6 @@ def test_the_papers_settings_are_named_where_a_run_differs():
     assert imagenet.differs == ("90 epochs", "colour augmentation")
 
 
-def write_log(save: Path, rows: list[dict]) -> Path:
-    save.mkdir()
-    pd.DataFrame(rows).to_csv(save / "log.csv", index=False)
-    return save
-
-
 def test_svhn_puts_the_paper_beside_best_pt(tmp_path):
     row = {"epoch": 1, "lr": 0.1, "train_err": 20.0, "val_err": 3.0, "test_err": 3.5}
     rows = [
@@ -116,7 +111,7 @@ def test_svhn_puts_the_paper_beside_best_pt(tmp_path):
         {**row, "epoch": 3, "test_err": 2.3},
     ]
     line = train.reported(
-        write_log(tmp_path / "run", rows), settings({"dataset": "svhn", "epochs": 3})
+        write_run(tmp_path / "run", rows), settings({"dataset": "svhn", "epochs": 3})
     )
     assert line == ("final test error 2.30% (epoch 3); best.pt: epoch 2, lowest validation "
                     "error 2.00%, its test error 2.10% (paper 1.76% at 40 epochs)")  # fmt: skip
@@ -125,7 +120,7 @@ def test_svhn_puts_the_paper_beside_best_pt(tmp_path):
 def test_imagenet_closing_line_has_top5_beside_the_paper(tmp_path):
     rows = [{"epoch": 90, "lr": 0.001, "test_err": 24.0, "test_top5": 7.5}]
     given = {"dataset": "imagenet", "arch": "densenet169", "ten_crop": True}
-    line = train.reported(write_log(tmp_path / "run", rows), settings(given))
+    line = train.reported(write_run(tmp_path / "run", rows), settings(given))
     assert line == "final test error 24.00% (epoch 90; paper 22.08%), top-5 7.50% (paper 5.92%)"
 
 

@@ -8,20 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 import make_graph
 import plot
+from helpers import write_run
+from training import figures
 
 ROOT = Path(__file__).resolve().parents[1]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(run_dir: Path, epochs: int = 12, val: bool = False, top5: bool = False) -> Path:
-    """Write a plausible log.csv (errors in %, lr drops at 50% and 75%) and args.json."""
-    run_dir.mkdir(parents=True)
+def plausible_run(run_dir: Path, epochs: int = 12, val: bool = False, top5: bool = False) -> Path:
+    """A run folder with a plausible log.csv (errors in %, lr drops at 50% and 75%) and
+    args.json."""
     rows = []
     for e in range(1, epochs + 1):
         lr = 0.1 if e <= epochs // 2 else (0.01 if e <= 3 * epochs // 4 else 0.001)
@@ -40,7 +41,6 @@ def write_run(run_dir: Path, epochs: int = 12, val: bool = False, top5: bool = F
         if top5:
             row |= {"train_top5": 0.1 + 30 * decay, "test_top5": 2.0 + 28 * decay}
         rows.append(row)
-    pd.DataFrame(rows).to_csv(run_dir / "log.csv", index=False)
     args = {
         "dataset": "c10",
         "model": "densenet",
@@ -48,8 +48,7 @@ def write_run(run_dir: Path, epochs: int = 12, val: bool = False, top5: bool = F
         "growth": 12,
         "save": str(run_dir),
     }
-    (run_dir / "args.json").write_text(json.dumps(args))
-    return run_dir
+    return write_run(run_dir, rows, args)
 
 
 def assert_png(path: Path) -> None:
@@ -60,20 +59,20 @@ def assert_png(path: Path) -> None:
 
 
 def test_plot_single_run_defaults_to_run_folder(tmp_path):
-    run = write_run(tmp_path / "c10_d40", val=True)
+    run = plausible_run(tmp_path / "c10_d40", val=True)
     assert plot.main([str(run)]) == 0
     assert_png(run / "loss.png")
     assert_png(run / "error.png")
     assert not (run / "loss.pdf").exists()
     assert not list(run.glob(".*tmp")), "temp files left behind"
-    assert plot.run_label(run) == "c10_d40 (c10 L=40 k=12)"
+    assert figures.run_label(run) == "c10_d40 (c10 L=40 k=12)"
     (run / "args.json").unlink()
-    assert plot.run_label(run) == "c10_d40"
+    assert figures.run_label(run) == "c10_d40"
 
 
 def test_plot_two_runs_overlaid_with_pdf(tmp_path):
-    a = write_run(tmp_path / "a", epochs=20, top5=True)
-    b = write_run(tmp_path / "b", epochs=8, val=True)
+    a = plausible_run(tmp_path / "a", epochs=20, top5=True)
+    b = plausible_run(tmp_path / "b", epochs=8, val=True)
     out = tmp_path / "plots"
     assert plot.main([str(a), str(b), "--out", str(out), "--pdf"]) == 0
     for name in ("loss", "error"):
@@ -83,10 +82,10 @@ def test_plot_two_runs_overlaid_with_pdf(tmp_path):
 
 
 def test_plot_runs_is_repeatable_and_handles_one_row(tmp_path):
-    run = write_run(tmp_path / "running", epochs=1)
-    first = plot.plot_runs([run], run)
+    run = plausible_run(tmp_path / "running", epochs=1)
+    first = figures.plot_runs([run], run)
     assert first == [run / "loss.png", run / "error.png"]
-    assert plot.plot_runs([str(run)], str(run), pdf=True) == [
+    assert figures.plot_runs([str(run)], str(run), pdf=True) == [
         run / "loss.png",
         run / "loss.pdf",
         run / "error.png",
@@ -114,14 +113,14 @@ def test_plot_skips_empty_runs_and_fails_without_data(tmp_path, capsys):
     assert "Traceback" not in err
     assert not (tmp_path / "loss.png").exists()
 
-    good = write_run(tmp_path / "good")
+    good = plausible_run(tmp_path / "good")
     assert plot.main([str(good), str(missing), "--out", str(tmp_path)]) == 0
     assert "missing" in capsys.readouterr().err
     assert_png(tmp_path / "error.png")
 
 
 def test_plot_cli_subprocess(tmp_path):
-    run = write_run(tmp_path / "cli_run")
+    run = plausible_run(tmp_path / "cli_run")
     result = subprocess.run(
         [sys.executable, str(ROOT / "plot.py"), str(run)],
         check=False,
@@ -149,16 +148,14 @@ VAL_ERR = [50.0, 20.0, 9.0, 7.0, 8.0, 10.0]
 TEST_ERR = [52.0, 22.0, 10.0, 8.5, 7.5, 7.9]
 
 
-def write_log(run_dir: Path, val: bool) -> Path:
-    """A log.csv with the trainer's columns and the errors above."""
-    run_dir.mkdir(parents=True)
+def marked_run(run_dir: Path, val: bool) -> Path:
+    """A run folder whose log.csv has the trainer's columns and the errors above."""
     columns = {"epoch": range(1, 7), "lr": [0.1] * 3 + [0.01] * 3, "train_loss": [1.0] * 6}
     columns |= {"train_err": [30.0] * 6}
     if val:
         columns |= {"val_loss": [1.0] * 6, "val_err": VAL_ERR}
     columns |= {"test_loss": [1.0] * 6, "test_err": TEST_ERR, "seconds": [2.0] * 6}
-    pd.DataFrame(columns).to_csv(run_dir / "log.csv", index=False)
-    return run_dir
+    return write_run(run_dir, columns)
 
 
 def stars(fig) -> tuple[list, list[str]]:
@@ -177,9 +174,9 @@ def stars(fig) -> tuple[list, list[str]]:
     ],
 )
 def test_error_plot_marks_the_reported_point(tmp_path, val, epoch, error, label):
-    run = write_log(tmp_path / "run", val)
-    assert plot.reported_point(plot.load_log(run)) == (epoch, error, label)
-    _, err_fig = plot.figures([("run", plot.load_log(run))])
+    run = marked_run(tmp_path / "run", val)
+    assert figures.reported_point(figures.load_log(run)) == (epoch, error, label)
+    _, err_fig = figures.figures([("run", figures.load_log(run))])
     marked, legend = stars(err_fig)
     assert len(marked) == 1 and marked[0].get_label() == label and label in legend
     assert list(marked[0].get_xdata()) == [epoch] and list(marked[0].get_ydata()) == [error]
@@ -188,10 +185,10 @@ def test_error_plot_marks_the_reported_point(tmp_path, val, epoch, error, label)
 
 
 def test_each_run_has_its_marked_point_in_its_colour(tmp_path):
-    runs = [write_log(tmp_path / "a", val=False), write_run(tmp_path / "b", top5=True)]
-    err_fig = plot.figures([(r.name, plot.load_log(r)) for r in runs])[1]
+    runs = [marked_run(tmp_path / "a", val=False), plausible_run(tmp_path / "b", top5=True)]
+    err_fig = figures.figures([(r.name, figures.load_log(r)) for r in runs])[1]
     marked, legend = stars(err_fig)
-    last_b = plot.load_log(runs[1]).iloc[-1]
+    last_b = figures.load_log(runs[1]).iloc[-1]
     assert [m.get_label() for m in marked] == [
         "final epoch 6: 7.90 %",
         f"final epoch 12: {last_b.test_err:.2f} %",
@@ -202,7 +199,7 @@ def test_each_run_has_its_marked_point_in_its_colour(tmp_path):
 
 
 def test_plot_refuses_a_folder_that_does_not_exist(tmp_path):
-    good = write_run(tmp_path / "good")
+    good = plausible_run(tmp_path / "good")
     missing = tmp_path / "no such run"
     result = subprocess.run(
         [sys.executable, str(ROOT / "plot.py"), str(good), str(missing)],
@@ -216,7 +213,7 @@ def test_plot_refuses_a_folder_that_does_not_exist(tmp_path):
 
 
 def test_plot_refuses_an_out_that_is_a_file(tmp_path, capsys):
-    run = write_run(tmp_path / "run")
+    run = plausible_run(tmp_path / "run")
     (tmp_path / "figures").write_text("mine")
     assert plot.main([str(run), "--out", str(tmp_path / "figures")]) == 1
     err = capsys.readouterr().err
@@ -310,7 +307,7 @@ def test_make_graph_rejects_bad_depth(tmp_path, capsys):
 
 
 def test_a_diracnet_run_is_labelled_by_depth_and_width(tmp_path):
-    run = write_run(tmp_path / "d", val=False)
+    run = plausible_run(tmp_path / "d", val=False)
     args = {"dataset": "cifar10", "model": "diracnet", "depth": 34, "width": 2.0, "growth": None}
     (run / "args.json").write_text(json.dumps(args))
-    assert plot.run_label(run) == "d (cifar10 L=34 width 2)"
+    assert figures.run_label(run) == "d (cifar10 L=34 width 2)"

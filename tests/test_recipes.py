@@ -1,7 +1,6 @@
-"""recipes.py: the flags and their defaults, the fast paths per device, the official
-schedules."""
+"""training/recipes.py and training/settings.py: the flags and their defaults, the fast paths
+per device, the official schedules."""
 
-import argparse
 import math
 from decimal import Decimal
 from pathlib import Path
@@ -9,18 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import recipes
-import train
+from training import building, recipes
+from training.errors import UserError
+from training.settings import Settings, parser, resolve
 
 
 def test_every_flag_says_what_it_does_and_its_default():
-    for action in recipes.parser()._actions:
+    for action in parser()._actions:
         if action.dest != "help":
             assert action.help and "(default: " in action.help, action.option_strings
 
 
 def test_help_defaults_come_from_the_recipes():
-    helps = {a.dest: a.help for a in recipes.parser()._actions}
+    helps = {action.dest: action.help for action in parser()._actions}
     assert "(default: 300; svhn, mnist, fashion-mnist: 40; imagenet" in helps["epochs"]
     assert "diracnet: 200; diracnet imagenet: 100)" in helps["epochs"]
     assert "(default: 64; imagenet, diracnet imagenet: 256; diracnet: 128)" in helps["batch_size"]
@@ -39,8 +39,8 @@ CAPABILITY_CASES = [
 @pytest.mark.parametrize(("caps", "expected"), CAPABILITY_CASES)
 def test_fast_path_defaults_follow_the_device(caps, expected):
     assert recipes.device_defaults(caps) == expected
-    a, _ = recipes.resolve({"dataset": "mnist"}, caps)
-    assert {k: getattr(a, k) for k in expected} == expected
+    settings, _ = resolve({"dataset": "mnist"}, caps)
+    assert {k: getattr(settings, k) for k in expected} == expected
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
@@ -49,20 +49,20 @@ def test_a_cpu_times_compiling_by_default_where_it_could_pay(native_bf16):
     to pay back the compile time stays eager; --compile or --no-compile typed, or the choice
     a resumed run recorded, is kept without timing."""
     caps = recipes.Capabilities("cpu", native_bf16, True)
-    a, _ = recipes.resolve({}, caps)
-    assert "compile" in a.device_chose and a.compile_measured is None
+    settings, _ = resolve({}, caps)
+    assert "compile" in settings.device_chose and settings.compile_measured is None
     long, short = recipes.CPU_COMPILE_MIN_STEPS, recipes.CPU_COMPILE_MIN_STEPS - 1
-    assert recipes.compile_pays(a, "cpu", long) and recipes.measures_compile(a, "cpu")
-    assert recipes.compile_pays(a, "cpu", short) is False
+    assert recipes.compile_pays(settings, "cpu", long) and recipes.measures_compile(settings, "cpu")
+    assert recipes.compile_pays(settings, "cpu", short) is False
     for flag in (True, False):
-        typed, _ = recipes.resolve({"compile": flag}, caps)
+        typed, _ = resolve({"compile": flag}, caps)
         assert typed.compile is flag and not recipes.measures_compile(typed, "cpu")
         assert recipes.compile_pays(typed, "cpu", 1) is flag
     choice = recipes.choose_compile([1.0] * 5, [2.0] * 5)
-    resumed, _ = recipes.resolve({}, caps, old={"compile": False, "compile_measured": choice})
+    resumed, _ = resolve({}, caps, old={"compile": False, "compile_measured": choice})
     assert resumed.compile is False and resumed.compile_measured == choice
     assert not recipes.measures_compile(resumed, "cpu")
-    cuda, _ = recipes.resolve({}, recipes.Capabilities("cuda", True, True))
+    cuda, _ = resolve({}, recipes.Capabilities("cuda", True, True))
     assert recipes.compile_pays(cuda, "cuda", 1) and not recipes.measures_compile(cuda, "cuda")
 
 
@@ -95,24 +95,24 @@ def test_this_cpu_is_probed_from_its_flags():
 
 def test_sync_bn_turns_compile_off_with_a_note():
     caps = recipes.Capabilities("cuda", True, True)
-    a, notes = recipes.resolve({"sync_bn": True}, caps)
-    assert a.compile is False and len(notes) == 1 and "SyncBatchNorm" in notes[0]
+    settings, notes = resolve({"sync_bn": True}, caps)
+    assert settings.compile is False and len(notes) == 1 and "SyncBatchNorm" in notes[0]
 
 
-def lr_drops(given: dict) -> tuple[list[int], "argparse.Namespace"]:
+def lr_drops(given: dict) -> tuple[list[int], Settings]:
     """The 0-indexed epochs that start at a lower lr under the resolved recipe."""
-    a, _ = recipes.resolve(given, recipes.Capabilities("cpu", False, True))
+    settings, _ = resolve(given, recipes.Capabilities("cpu", False, True))
     net = torch.nn.Linear(2, 2)
-    opt = train.build_optimizer(a, net)
-    sched = train.build_scheduler(a, opt, 1)
+    opt = building.build_optimizer(settings, net)
+    sched = building.build_scheduler(settings, opt, 1)
     drops, lr = [], opt.param_groups[0]["lr"]
-    for epoch in range(a.epochs):
+    for epoch in range(settings.epochs):
         if opt.param_groups[0]["lr"] != lr:
             drops.append(epoch)
             lr = opt.param_groups[0]["lr"]
         opt.step()  # no gradients: changes nothing, keeps the scheduler's order check quiet
         sched.step()
-    return drops, a
+    return drops, settings
 
 
 # The official code's schedules at their default lengths, counted from 0.
@@ -130,11 +130,11 @@ OFFICIAL = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("given", "drops", "settings"), OFFICIAL)
-def test_recipes_follow_the_official_code(given, drops, settings):
-    found, a = lr_drops(given)
+@pytest.mark.parametrize(("given", "drops", "expected"), OFFICIAL)
+def test_recipes_follow_the_official_code(given, drops, expected):
+    found, settings = lr_drops(given)
     assert found == drops
-    assert {k: getattr(a, k) for k in settings} == settings
+    assert {k: getattr(settings, k) for k in expected} == expected
 
 
 # The official rules, transcribed from the code that runs them, for every length N.
@@ -163,11 +163,11 @@ def diracnet_lrs(n: int, fractions: list[float]) -> list[float]:
 
 def trained_lrs(given: dict) -> list[float]:
     """The lr of every epoch as train.py's optimizer and scheduler set it."""
-    a, _ = recipes.resolve(given, recipes.Capabilities("cpu", False, True))
-    opt = train.build_optimizer(a, torch.nn.Linear(2, 2))
-    sched = train.build_scheduler(a, opt, 1)
+    settings, _ = resolve(given, recipes.Capabilities("cpu", False, True))
+    opt = building.build_optimizer(settings, torch.nn.Linear(2, 2))
+    sched = building.build_scheduler(settings, opt, 1)
     lrs = []
-    for _ in range(a.epochs):
+    for _ in range(settings.epochs):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
@@ -189,9 +189,9 @@ def test_cosine_anneals_every_step_from_lr_to_zero_for_any_length():
     out here from the formula, for many lengths and batch counts."""
     cpu = recipes.Capabilities("cpu", False, True)
     for epochs, per_epoch in [(1, 1), (1, 7), (3, 5), (40, 3), (100, 2), (7, 13)]:
-        a, _ = recipes.resolve({"schedule": "cosine", "epochs": epochs, "lr": 0.1}, cpu)
-        opt = train.build_optimizer(a, torch.nn.Linear(2, 2))
-        sched = train.build_scheduler(a, opt, per_epoch)
+        settings, _ = resolve({"schedule": "cosine", "epochs": epochs, "lr": 0.1}, cpu)
+        opt = building.build_optimizer(settings, torch.nn.Linear(2, 2))
+        sched = building.build_scheduler(settings, opt, per_epoch)
         total, lrs = epochs * per_epoch, []
         for _ in range(total):
             lrs.append(opt.param_groups[0]["lr"])
@@ -200,38 +200,38 @@ def test_cosine_anneals_every_step_from_lr_to_zero_for_any_length():
         expected = [0.1 * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)]
         assert lrs == pytest.approx(expected, rel=1e-15, abs=0), (epochs, per_epoch)
         assert lrs[0] == 0.1 and opt.param_groups[0]["lr"] < 1e-17  # 0 after the last step
-        assert a.milestones == [] and a.gamma is None  # args.json records no drops
+        assert settings.milestones == [] and settings.gamma is None  # args.json records no drops
 
 
 def test_cosine_refuses_drops_in_one_line():
     cpu = recipes.Capabilities("cpu", False, True)
     for given, flag in [({"milestones": [0.5]}, "--milestones"), ({"gamma": 0.2}, "--gamma"),
                         ({"restart_momentum": True}, "--restart-momentum")]:  # fmt: skip
-        with pytest.raises(recipes.UserError, match=f"^{flag}: --schedule cosine .* no drops$"):
-            recipes.resolve({"schedule": "cosine", **given}, cpu)
+        with pytest.raises(UserError, match=f"^{flag}: --schedule cosine .* no drops$"):
+            resolve({"schedule": "cosine", **given}, cpu)
     # a DiracNet's momentum restart is a rule of its drops: off under cosine
-    a, _ = recipes.resolve({"schedule": "cosine", "model": "diracnet"}, cpu)
-    assert a.restart_momentum is False
-    a, _ = recipes.resolve({"schedule": "cosine", "restart_momentum": False}, cpu)
-    assert a.restart_momentum is False
+    settings, _ = resolve({"schedule": "cosine", "model": "diracnet"}, cpu)
+    assert settings.restart_momentum is False
+    settings, _ = resolve({"schedule": "cosine", "restart_momentum": False}, cpu)
+    assert settings.restart_momentum is False
 
 
 def test_every30_takes_no_fractions():
-    with pytest.raises(recipes.UserError, match="every30"):
-        recipes.resolve({"dataset": "imagenet", "milestones": [0.5]}, recipes.Capabilities("cpu", False, True))
+    with pytest.raises(UserError, match="every30"):
+        resolve({"dataset": "imagenet", "milestones": [0.5]}, recipes.Capabilities("cpu", False, True))
 
 
 def test_shared_stats_run_eagerly_for_a_cpu_densenet_only():
     cpu, cuda = recipes.Capabilities("cpu", True, True), recipes.Capabilities("cuda", True, True)
-    a, notes = recipes.resolve({"shared_stats": True}, cpu)
-    assert a.shared_stats and not a.compile and "compile is off" in notes[0]
+    settings, notes = resolve({"shared_stats": True}, cpu)
+    assert settings.shared_stats and not settings.compile and "compile is off" in notes[0]
     for given, caps, match in [
         ({"shared_stats": True, "compile": True}, cpu, "cannot be combined with --compile"),
         ({"shared_stats": True}, cuda, "DenseNet on the CPU"),
         ({"shared_stats": True, "model": "diracnet"}, cpu, "DenseNet on the CPU"),
     ]:
-        with pytest.raises(recipes.UserError, match=match):
-            recipes.resolve(given, caps)
+        with pytest.raises(UserError, match=match):
+            resolve(given, caps)
     # a resumed CPU run that had them, continued on a GPU: off, with a note
-    a, notes = recipes.resolve({}, cuda, old={"shared_stats": True})
-    assert not a.shared_stats and any("--shared-stats is off" in n for n in notes)
+    settings, notes = resolve({}, cuda, old={"shared_stats": True})
+    assert not settings.shared_stats and any("--shared-stats is off" in n for n in notes)

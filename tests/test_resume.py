@@ -22,8 +22,8 @@ from test_train import (
     wait_for_rows,
 )
 
-import recipes
 import train
+from training import recipes
 
 RECIPE = recipes.recipe("densenet", "mnist")
 
@@ -164,7 +164,8 @@ def test_a_new_lr_runs_as_a_schedule_drop_to_it_would(tmp_path, capsys):
 
 
 def test_the_lr_given_with_resume_is_the_lr_that_runs(two_epochs, tmp_path, capsys):
-    """Issue 22: --resume --lr 1e12 trained on at the checkpoint's lr, args.json saying 1e12."""
+    """--resume --lr 1e12 trains at 1e12 from the checkpoint's epoch on, as args.json says
+    (not on at the checkpoint's lr while args.json says 1e12)."""
     argv, save = copy_of(two_epochs, tmp_path)
     code, out, _ = run([*argv, "--resume", "--epochs", 3, "--lr", 1e12], capsys)
     assert code == 0 and f"--lr {RECIPE['lr']} -> 1000000000000.0 from epoch 3" in out

@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-import runstate
-import train
+import densenet
+from training import engine, runstate
 
 
-def tiny_state(seed: int) -> "train.runstate.RunState":
+def tiny_state(seed: int) -> "runstate.RunState":
     torch.manual_seed(seed)
-    net = train.densenet.densenet_cifar(10, 4, in_channels=1)
+    net = densenet.densenet_cifar(10, 4, in_channels=1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return train.runstate.RunState(net, opt, sched, scaler, torch.Generator().manual_seed(seed))
+    return runstate.RunState(net, opt, sched, scaler, torch.Generator().manual_seed(seed))
 
 
 def test_run_state_round_trips(tmp_path):
     a = tiny_state(0)
-    train.engine.train_step(a.model, a.optimizer, a.scaler, torch.randn(4, 1, 28, 28),
+    engine.train_step(a.model, a.optimizer, a.scaler, torch.randn(4, 1, 28, 28),
                             torch.tensor([0, 1, 2, 3]), "off")  # fmt: skip
     for _ in range(3):  # past the drop at 2: the resumed schedule is replayed to epoch 3
         a.scheduler.step()
@@ -32,7 +32,7 @@ def test_run_state_round_trips(tmp_path):
     torch.randint(0, 10, (5,), generator=a.data_generator)
     a.data_rng = a.data_generator.get_state()
     saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    train.runstate.atomic_save(a.state_dict(), tmp_path / "s.pt")
+    runstate.atomic_save(a.state_dict(), tmp_path / "s.pt")
     random.random(), np.random.rand(), torch.rand(1)  # every stream moves on after the save
     b = tiny_state(1)
     b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
@@ -53,7 +53,7 @@ def test_run_state_round_trips(tmp_path):
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):
     state = tiny_state(0)
-    with pytest.raises(train.runstate.CheckpointError, match="cannot write .*latest.pt: No such file"):
+    with pytest.raises(runstate.CheckpointError, match="cannot write .*latest.pt: No such file"):
         state.save([tmp_path / "gone" / "latest.pt"], {})
 
 

@@ -9,13 +9,14 @@ from torch import nn
 import densenet as D
 import reference
 import sharedstats as S
-from engine import saved_activation_bytes
-from test_densenet import _count_calls, _tiny, assert_gradcheck, assert_same_float64_steps
+from helpers import count_calls, tiny_densenet
+from reference import assert_gradcheck, assert_same_float64_steps
+from training.engine import saved_activation_bytes
 
 
 def _shared(*args, **kwargs) -> D.DenseNet:
-    """_tiny's model with shared statistics (the same weights as _tiny(*args) gives)."""
-    return S.convert_shared_stats(_tiny(*args, **kwargs))
+    """tiny_densenet(*args, **kwargs) with shared statistics: the same weights."""
+    return S.convert_shared_stats(tiny_densenet(*args, **kwargs))
 
 
 def test_converter_keeps_the_state_dict_and_replaces_every_block():
@@ -44,7 +45,7 @@ def test_equal_plain_bn_in_float64(bottleneck, memory_efficient, drop_rate):
     """The same computation in float64 (its sums in another order): outputs, gradients and
     running statistics of two steps to float64 rounding."""
     assert_same_float64_steps(
-        _tiny(bottleneck, drop_rate=drop_rate), _shared(bottleneck, memory_efficient, drop_rate)
+        tiny_densenet(bottleneck, drop_rate=drop_rate), _shared(bottleneck, memory_efficient, drop_rate)
     )
 
 
@@ -74,7 +75,7 @@ def test_memory_efficient_block_keeps_its_output_and_bottleneck_maps(drop_rate):
 
 def test_memory_efficient_keeps_under_a_quarter_of_plain():
     """DenseNet-BC-100-12: memory_efficient with shared statistics keeps at most 25 % of
-    the bytes the plain model keeps for backward (issue 16's target)."""
+    the bytes the plain model keeps for backward."""
     x = torch.randn(4, 3, 32, 32)
     torch.manual_seed(0)
     plain = saved_activation_bytes(D.densenet_cifar(100, 12), x)
@@ -85,11 +86,11 @@ def test_memory_efficient_keeps_under_a_quarter_of_plain():
 
 
 def _builder(drop_rate: float, momentum: float | None):
-    """reference.compare's build: _tiny in fp32 (BN momentum as given; None is the
+    """reference.compare's build: tiny_densenet in fp32 (BN momentum as given; None is the
     cumulative average), with shared statistics when shared=True."""
 
     def build(shared: bool = False, memory_efficient: bool = False) -> nn.Module:
-        model = _tiny(True, memory_efficient, drop_rate, dtype=torch.float32)
+        model = tiny_densenet(True, memory_efficient, drop_rate, dtype=torch.float32)
         for bn in model.modules():
             if isinstance(bn, nn.BatchNorm2d):
                 bn.momentum = momentum
@@ -141,7 +142,7 @@ def test_norm1_is_not_called_in_training_and_is_in_evaluation():
     """The converter really switches paths: the shared statistics never call a dense
     layer's norm1 in training; evaluation and no-grad forwards take the plain block."""
     model = _shared(True)
-    calls = _count_calls(model, nn.BatchNorm2d)
+    calls = count_calls(model, nn.BatchNorm2d)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     model(x).sum().backward()
     assert calls["features.denseblock1.denselayer2.norm1"] == 0

@@ -15,9 +15,12 @@ import torch
 from torch import nn
 from torchvision import datasets
 
-import recipes
+import densenet
+import diracnet
 import synthetic
 import train
+from training import recipes, runstate
+from training.settings import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 # --device cpu: "auto" on a machine with a CUDA build of torch and no GPU adds a warning line
@@ -255,7 +258,7 @@ def test_corrupt_and_foreign_checkpoints(tmp_path, capsys):
         (save / "latest.pt").write_bytes(content)
         code, _, err = run([*argv, "--resume", "--epochs", 2], capsys)
         assert code == 2 and message in err and "Traceback" not in err
-    torch.save(train.densenet.densenet_cifar(10, 4).state_dict(), save / "latest.pt")
+    torch.save(densenet.densenet_cifar(10, 4).state_dict(), save / "latest.pt")
     code, _, err = run([*argv, "--resume", "--epochs", 2], capsys)
     assert code == 2 and "not a train.py checkpoint" in err
     code, _, err = run([*argv, "--evaluate", save / "missing.pt"], capsys)
@@ -450,7 +453,7 @@ def test_diracnet_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
         capsys,
     )
     assert code == 0 and "rebuild with" in out
-    build = lambda: train.diracnet.diracnet_cifar(10, 0.25, 10, 1)
+    build = lambda: diracnet.diracnet_cifar(10, 0.25, 10, 1)
     net = assert_export_computes_the_checkpoint(save / "latest.pt", tmp_path / "folded.pt", build)
     assert not any("." in name for name, _ in net.named_children())
 
@@ -460,8 +463,8 @@ def assert_export_computes_the_checkpoint(ckpt: Path, export: Path, build) -> nn
     a float64 fold of the checkpoint to fp32 rounding, and so do its outputs; returns it."""
     model = build().double().eval()
     model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
-    exact = train.diracnet.fold(model)
-    folded = train.diracnet.fold(build()).double()
+    exact = diracnet.fold(model)
+    folded = diracnet.fold(build()).double()
     folded.load_state_dict(torch.load(export, weights_only=True)["state_dict"])
     # The export folds in fp32: a handful of roundings (2^-24 each) per weight and bias,
     # far below 2^-16 of a tensor; folding another model's weights is off by O(1).
@@ -479,7 +482,7 @@ def test_other_checkpoint_formats(tmp_path, capsys):
     argv, save = mnist_run(tmp_path)
     assert run([*argv, "--epochs", 1], capsys)[0] == 0
     ckpt = torch.load(save / "latest.pt", weights_only=True)
-    assert ckpt["format"] == train.runstate.FORMAT
+    assert ckpt["format"] == runstate.FORMAT
     torch.save({**ckpt, "format": 99}, save / "latest.pt")
     code, _, err = run([*argv, "--resume", "--epochs", 2], capsys)
     assert code == 2 and "checkpoint format 99; this train.py reads formats 1, 2" in err
@@ -542,8 +545,8 @@ def test_diracnet_restarts_momentum_at_each_lr_drop(tmp_path, capsys):
         torch.testing.assert_close(k2 - b2, 0.9 * b1, rtol=0, atol=1e-6 * scale)
         assert not torch.equal(k2, b2)
     args = json.loads((tmp_path / "--restart-momentum2" / "args.json").read_text())
-    a, _ = train.recipes.resolve({"model": "diracnet"}, train.recipes.probe(torch.device("cpu")))
-    assert args["restart_momentum"] and a.restart_momentum  # the official trainer's default
+    settings, _ = resolve({"model": "diracnet"}, recipes.probe(torch.device("cpu")))
+    assert args["restart_momentum"] and settings.restart_momentum  # the official trainer's default
 
 
 # ----------------------------------------------------------------------------- robustness
@@ -561,6 +564,6 @@ def test_diracnet_v1_trains_with_its_recipe_and_exports(tmp_path, capsys):
     code, out, _ = run(["--evaluate", save / "latest.pt", "--data-dir", tmp_path / "data",
                         "--export", tmp_path / "folded.pt", "--device", "cpu"], capsys)  # fmt: skip
     assert code == 0 and "diracnet_cifar(10, 0.25, 10, 1, version=1)" in out
-    build = lambda: train.diracnet.diracnet_cifar(10, 0.25, 10, 1, version=1)
+    build = lambda: diracnet.diracnet_cifar(10, 0.25, 10, 1, version=1)
     net = assert_export_computes_the_checkpoint(save / "latest.pt", tmp_path / "folded.pt", build)
-    assert any(isinstance(m, train.diracnet.NCReLU) for m in net.modules())
+    assert any(isinstance(m, diracnet.NCReLU) for m in net.modules())

@@ -1,4 +1,4 @@
-"""What bench.py and the GPU check (gpucheck.py) both measure with: the models and the row
+"""What bench.py and its GPU check (gpucheck.py) both measure with: the models and the row
 settings (Mode), a training step timed in a fresh process under train.py's optimizer and
 process-wide settings, FLOPs and peak FLOP/s, the machine, the device flag, the output
 files, and the one-line errors of both commands."""
@@ -26,12 +26,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import densenet
-import engine
-import files
-import recipes
 import sharedstats
-import train
-from recipes import UserError
+from training import engine, files, recipes
+from training.building import build_optimizer
+from training.errors import UserError
+from training.settings import resolve
 
 try:
     import resource
@@ -216,16 +215,16 @@ def prepare(name: str, batch: int, mode: Mode, device: torch.device, size: int |
     if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = train.build_optimizer(train_settings(device), model)
+    opt = build_optimizer(train_settings(device), model)
     scaler = torch.amp.GradScaler(device.type, enabled=mode.amp == "fp16")
     return model, opt, scaler, x, y
 
 
 def train_settings(device: torch.device) -> argparse.Namespace:
     """What `./train.py` resolves for DenseNet-BC on CIFAR-10 on this device (the paper's
-    recipe, recipes.py), so every row steps train.py's optimizer with its settings."""
+    recipe, training/recipes.py), so every row steps train.py's optimizer with its settings."""
     given = {"model": "densenet", "dataset": "cifar10"}
-    return recipes.resolve(given, recipes.probe(device))[0]
+    return resolve(given, recipes.probe(device))[0]
 
 
 def memory_mark(device: torch.device) -> int | None:

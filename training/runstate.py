@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import files
+from training import files
 
 # Version 2 added "format" and the MPS random state; version 1 (no "format" key, written
 # before 2026-12) holds the same fields otherwise, so both are read. The log's rows ("log")

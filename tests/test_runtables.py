@@ -1,4 +1,4 @@
-"""seeds.py and plot.py --table: runs grouped by their settings except the seed, mean ± std
+"""runtables.py and plot.py --table: runs grouped by their settings except the seed, mean ± std
 over seeds beside the paper, the band in the figures, and every refusal."""
 
 import json
@@ -10,30 +10,28 @@ import pandas as pd
 import pytest
 from matplotlib.collections import PolyCollection
 
-import paper
 import plot
-import recipes
-import seeds
+from helpers import write_run
+from training import figures, paper, recipes, runtables
+from training.settings import INVOCATION, resolve
 
 CPU = recipes.Capabilities("cpu", True, True)
 BC_100_12 = {"depth": 100, "growth": 12}  # the default model: DenseNet-BC, C10+
 DENSENET_40_12 = {"depth": 40, "growth": 12, "bottleneck": False}
 
 
-def write_run(folder: Path, given: dict, test_err: list[float], val_err=None, epochs=3) -> Path:
+def resolved_run(folder: Path, given: dict, test_err: list[float], val_err=None, epochs=3) -> Path:
     """A run folder as train.py leaves it: args.json with every setting resolved for these
     flags (and the paper's fields), and a log.csv of len(test_err) epochs out of `epochs`."""
-    a, _ = recipes.resolve({**given, "epochs": epochs, "save": str(folder)}, CPU)
+    settings, _ = resolve({**given, "epochs": epochs, "save": str(folder)}, CPU)
     meta = {"torch": "2.x", "device": "cpu", "world_size": 1, "host": "Linux x86_64"}
-    folder.mkdir(parents=True)
-    (folder / "args.json").write_text(json.dumps({**vars(a), **meta, **paper.record(vars(a))}))
+    recorded = {**vars(settings), **meta, **paper.record(vars(settings))}
     columns = {"epoch": range(1, len(test_err) + 1), "lr": 0.1, "train_loss": 1.0}
     columns |= {"train_err": [e + 5 for e in test_err]}
     if val_err is not None:
         columns |= {"val_loss": 1.0, "val_err": val_err}
     columns |= {"test_loss": 1.0, "test_err": test_err, "seconds": 2.0}
-    pd.DataFrame(columns).to_csv(folder / "log.csv", index=False)
-    return folder
+    return write_run(folder, columns, recorded)
 
 
 def table(capsys, runs: list[Path], out: Path) -> tuple[str, pd.DataFrame]:
@@ -54,12 +52,12 @@ def final_errors(runs: list[Path]) -> list[float]:
 
 def test_seeds_group_and_other_configurations_do_not(tmp_path, capsys):
     # three seeds of BC-100-12 on C10+, run with different speed choices and folders
-    bc = [write_run(tmp_path / f"bc.s{s}", {**BC_100_12, "seed": s, **speed}, [60.0, 30.0, 20 + s])
+    bc = [resolved_run(tmp_path / f"bc.s{s}", {**BC_100_12, "seed": s, **speed}, [60.0, 30.0, 20 + s])
           for s, speed in enumerate([{}, {"amp": "off"}, {"channels_last": False, "device": "cpu"}])]  # fmt: skip
-    stopped = write_run(tmp_path / "bc.s3", {**BC_100_12, "seed": 3}, [60.0, 40.0])
-    dense = [write_run(tmp_path / f"d40.s{s}", {**DENSENET_40_12, "seed": s}, [50.0, 25.0, 18 + s / 2])
+    stopped = resolved_run(tmp_path / "bc.s3", {**BC_100_12, "seed": 3}, [60.0, 40.0])
+    dense = [resolved_run(tmp_path / f"d40.s{s}", {**DENSENET_40_12, "seed": s}, [50.0, 25.0, 18 + s / 2])
              for s in range(2)]  # fmt: skip
-    longer = write_run(tmp_path / "bc.e4", {**BC_100_12, "seed": 0}, [60, 30, 25, 19.5], epochs=4)
+    longer = resolved_run(tmp_path / "bc.e4", {**BC_100_12, "seed": 0}, [60, 30, 25, 19.5], epochs=4)
     out = tmp_path / "new" / "tables"  # missing parents are created
     text, csv = table(capsys, [bc[0], dense[0], stopped, *bc[1:], dense[1], longer], out)
 
@@ -94,7 +92,7 @@ def test_seeds_group_and_other_configurations_do_not(tmp_path, capsys):
 
 def test_best_validation_figures_where_a_split_exists(tmp_path, capsys):
     val_errs = [[50.0, 9.0, 7.0, 8.0], [50.0, 7.5, 7.5, 9.0], [40.0, 8.0, 8.5, 6.0]]
-    runs = [write_run(tmp_path / f"s{s}", {**BC_100_12, "seed": s, "val_split": 1000}, test, v, epochs=4)
+    runs = [resolved_run(tmp_path / f"s{s}", {**BC_100_12, "seed": s, "val_split": 1000}, test, v, epochs=4)
             for s, (v, test) in enumerate(zip(val_errs, ([52, 10, 8.5, 7.9], [51, 9, 8, 7], [49, 9.5, 9, 8.2]), strict=True))]  # fmt: skip
     _, csv = table(capsys, runs, tmp_path / "out")
     # the first epoch of lowest validation error of each seed, as best.pt holds it
@@ -107,7 +105,7 @@ def test_best_validation_figures_where_a_split_exists(tmp_path, capsys):
 
 
 def test_svhn_compares_the_test_error_at_the_lowest_validation_error(tmp_path, capsys):
-    runs = [write_run(tmp_path / f"s{s}", {**BC_100_12, "dataset": "svhn", "seed": s},
+    runs = [resolved_run(tmp_path / f"s{s}", {**BC_100_12, "dataset": "svhn", "seed": s},
                       [9.0, 2.5 + s] + [2.6] * 38, [8.0, 2.0] + [2.2] * 38, epochs=40)
             for s in range(2)]  # fmt: skip
     _, csv = table(capsys, runs, tmp_path / "out")
@@ -116,7 +114,7 @@ def test_svhn_compares_the_test_error_at_the_lowest_validation_error(tmp_path, c
 
 
 def test_a_table_of_runs_that_are_no_paper_configuration(tmp_path, capsys):
-    runs = [write_run(tmp_path / f"s{s}", {"dataset": "fashion-mnist", "depth": 22, "seed": s},
+    runs = [resolved_run(tmp_path / f"s{s}", {"dataset": "fashion-mnist", "depth": 22, "seed": s},
                       [30.0, 12.0 + s]) for s in range(2)]  # fmt: skip
     text, csv = table(capsys, runs, tmp_path / "out")
     assert csv.model[0] == "DenseNet-BC-22-12" and csv.data[0] == "fashion-mnist+"
@@ -135,8 +133,8 @@ def test_a_table_of_runs_that_are_no_paper_configuration(tmp_path, capsys):
     ],
 )
 def test_table_refuses_a_run_it_cannot_read_in_one_line(tmp_path, capsys, case, message):
-    good = write_run(tmp_path / "good", BC_100_12, [50.0, 20.0, 10.0])
-    bad = write_run(tmp_path / "bad", {**BC_100_12, "seed": 1}, [50.0, 20.0, 10.0])
+    good = resolved_run(tmp_path / "good", BC_100_12, [50.0, 20.0, 10.0])
+    bad = resolved_run(tmp_path / "bad", {**BC_100_12, "seed": 1}, [50.0, 20.0, 10.0])
     log = bad / "log.csv"
     if case == "no_args":
         (bad / "args.json").write_text("{not json")
@@ -158,24 +156,24 @@ def test_table_refuses_a_run_it_cannot_read_in_one_line(tmp_path, capsys, case, 
 
 def test_a_run_just_started_is_unfinished_not_an_error(tmp_path, capsys):
     runs = [
-        write_run(tmp_path / f"s{s}", {**BC_100_12, "seed": s}, [50.0, 20.0, 10.0 + s])
+        resolved_run(tmp_path / f"s{s}", {**BC_100_12, "seed": s}, [50.0, 20.0, 10.0 + s])
         for s in range(2)
     ]
-    started = write_run(tmp_path / "s2", {**BC_100_12, "seed": 2}, [])
+    started = resolved_run(tmp_path / "s2", {**BC_100_12, "seed": 2}, [])
     _, csv = table(capsys, [*runs, started], tmp_path / "out")
     assert csv.n[0] == 2 and csv.unfinished[0] == "s2 (0 of 3 epochs)"
 
 
 def test_the_figures_draw_seeds_as_a_band_around_their_mean(tmp_path):
     tests = [[60.0, 30.0, 20.0], [64.0, 28.0, 21.0], [58.0, 33.0]]  # the third seed stopped
-    runs = [write_run(tmp_path / f"s{s}", {**BC_100_12, "seed": s}, t) for s, t in enumerate(tests)]
-    other = write_run(tmp_path / "d40", DENSENET_40_12, [55.0, 25.0, 15.0])
-    drawn = plot.curves([*runs, other])
+    runs = [resolved_run(tmp_path / f"s{s}", {**BC_100_12, "seed": s}, t) for s, t in enumerate(tests)]
+    other = resolved_run(tmp_path / "d40", DENSENET_40_12, [55.0, 25.0, 15.0])
+    drawn = figures.curves([*runs, other])
     assert [label for label, _ in drawn] == [
         "DenseNet-BC-100-12 C10+: mean of 3 seeds, 1 unfinished, band min-max",
-        plot.run_label(other),
+        figures.run_label(other),
     ]
-    _, err_fig = plot.figures(drawn)
+    _, err_fig = figures.figures(drawn)
     ax = err_fig.axes[0]
     by_epoch = [[t[e] for t in tests if len(t) > e] for e in range(3)]
     means = [statistics.fmean(v) for v in by_epoch]
@@ -191,9 +189,9 @@ def test_the_figures_draw_seeds_as_a_band_around_their_mean(tmp_path):
 
 
 def test_settings_that_do_not_make_another_experiment_cover_the_trainers():
-    assert set(recipes.INVOCATION) <= seeds.NOT_COMPARED
-    assert set(recipes.device_defaults(CPU)) | {"device_chose"} <= seeds.NOT_COMPARED
-    a, _ = recipes.resolve({"save": "x"}, CPU)
-    b, _ = recipes.resolve({"save": "y", "seed": 1, "amp": "off", "compile": True}, CPU)
-    c, _ = recipes.resolve({"save": "x", "lr": 0.05}, CPU)
-    assert seeds.key(vars(a)) == seeds.key(vars(b)) != seeds.key(vars(c))
+    assert set(INVOCATION) <= runtables.NOT_COMPARED
+    assert set(recipes.device_defaults(CPU)) | {"device_chose"} <= runtables.NOT_COMPARED
+    base, _ = resolve({"save": "x"}, CPU)
+    elsewhere, _ = resolve({"save": "y", "seed": 1, "amp": "off", "compile": True}, CPU)
+    other_lr, _ = resolve({"save": "x", "lr": 0.05}, CPU)
+    assert runtables.key(vars(base)) == runtables.key(vars(elsewhere)) != runtables.key(vars(other_lr))

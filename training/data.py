@@ -20,8 +20,8 @@ from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-import datafiles
-from datafiles import DataError, check_folder
+from training import datafiles
+from training.datafiles import DataError, check_folder
 
 # The label of the padding that fills the last evaluation batch to full size: callers skip
 # it (it is cross_entropy's default ignore_index; error counts must skip it too).

@@ -1,6 +1,6 @@
 """The training loop's parts, shared by train.py and the measuring code: the device a run
-uses, the process-wide settings of a run, the step, evaluation, metrics, stop signals and
-compiling with an eager fallback."""
+uses and its place among torchrun's processes, the process-wide settings of a run, the step,
+evaluation, metrics, stop signals and compiling with an eager fallback."""
 
 import copy
 import ctypes
@@ -11,8 +11,9 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -20,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-import data
-import runstate
-from recipes import UserError
+from training import data, files, runstate
+from training.errors import UserError
 
 # One process writes the progress bar: a thread lock, not tqdm's default multiprocessing
 # semaphore, which a measuring child process (measuring.call_fresh) leaves behind at exit.
@@ -36,6 +36,8 @@ GLIBC_TRIM_THRESHOLD, GLIBC_MMAP_MAX = 128 * 1024, 65536
 STOP_VOTE_EVERY = 25
 # cuBLAS needs this before its first call to pick deterministic kernels.
 CUBLAS_DETERMINISTIC = ":4096:8"
+# The failures a user can cause: one line each, never a traceback.
+USER_ERRORS = (UserError, data.DataError, runstate.CheckpointError, files.OutputError)
 
 
 def _mallopt():
@@ -118,6 +120,46 @@ def select_device(flag: str, world: int = 1, local_rank: int = 0, program: str =
         why = "torchrun needs cuda or cpu" if world > 1 else "MPS is not available here"
         raise UserError(f"--device {flag}: {why}")
     return device
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process runs: its rank among world processes, and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+def setup_distributed(flag: str) -> Placement:
+    """One process per GPU under torchrun (NCCL), or per CPU process (gloo)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = select_device(flag, world, int(os.environ.get("LOCAL_RANK", "0")))
+    if flag == "auto" and device.type == "cpu" and rank == 0 and cuda_unusable_reason():
+        print(f"warning: this torch is built for CUDA {torch.version.cuda} but can use no GPU "
+              f"({cuda_unusable_reason()}); training on the CPU", file=sys.stderr)  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Placement(rank, world, device)
+
+
+def on_rank0(place: Placement, decide: Callable[[], object]) -> object:
+    """decide() on rank 0, its result (or its user error) sent to every rank, so no rank hangs."""
+    if place.world == 1:
+        return decide()
+    box = [None]
+    if place.rank == 0:
+        try:
+            box = [decide()]
+        except USER_ERRORS as e:
+            box = [type(e)(str(e))]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], USER_ERRORS):
+        raise box[0]
+    return box[0]
 
 
 # ----------------------------------------------------------------------------- settings

@@ -1,5 +1,5 @@
-#!/usr/bin/env python3
-"""The GPU check: one command that turns a lent GPU into results within a time budget.
+"""The GPU check (bench.py --gpu-check): one command that turns a GPU into results within a
+time budget.
 
     python bench.py --gpu-check --budget 450                 # on the GPU (README "On a GPU")
     python bench.py --gpu-check --parts modes --budget 450   # a second run: what was skipped
@@ -32,14 +32,10 @@ from pathlib import Path
 
 import torch
 
-import data
-import datafiles
-import engine
-import files
-import measuring
-import recipes
-from measuring import Mode
-from recipes import UserError
+from benchmarks import measuring
+from benchmarks.measuring import Mode
+from training import data, datafiles, engine, files, recipes
+from training.errors import UserError
 
 PARTS = ("modes", "memory", "peers", "overhead", "train", "resume")
 # Whose time is kept first when the budget cannot hold every part: the first rows of the
@@ -47,7 +43,7 @@ PARTS = ("modes", "memory", "peers", "overhead", "train", "resume")
 PRIORITY = ("modes", "memory", "peers", "train", "overhead", "resume")
 ROWS = ("modes", "memory", "peers")  # always tried: each row says when it does not fit
 GROWS = (*ROWS, "train")  # the parts that use more time when there is more (rows, epochs)
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, results/, work/
 SIGTERM_EXIT = 128 + signal.SIGTERM  # what train.py returns after saving on SIGTERM
 # Guessed seconds, (eager, compiled), until one has been seen. CUDA: the first GPU check
 # (results/gpu-check-h200.log; NVIDIA H200, torch 2.11, 2026-12-04): fresh processes reached
@@ -114,16 +110,16 @@ def check_modes(cuda: bool, default: Mode) -> list[Mode]:
 class Check:
     """The budget and its plan, the time each kind of row has taken, and the results file."""
 
-    def __init__(self, a: argparse.Namespace, out: Path, machine: dict) -> None:
-        self.a, self.out, self.machine = a, out, machine
-        self.device = torch.device(a.device)
-        self.sizes = TINY if a.tiny else FULL
-        self.end = time.monotonic() + a.budget
+    def __init__(self, args: argparse.Namespace, out: Path, machine: dict) -> None:
+        self.args, self.out, self.machine = args, out, machine
+        self.device = torch.device(args.device)
+        self.sizes = TINY if args.tiny else FULL
+        self.end = time.monotonic() + args.budget
         self.part_end = self.end  # when the running part's time is up
         self.need: dict[str, float] = {}  # planned parts not yet run: seconds kept for each
         self.seen: dict[tuple[str, bool], float] = {}  # (part, compiled) -> seconds a row
         self.skipped: list[str] = []
-        self.images = fashion_mnist_images(a.data_dir)
+        self.images = fashion_mnist_images(args.data_dir)
         self.results = {"parts": {}}
         if out.exists():
             try:
@@ -231,7 +227,7 @@ def measure_rows(check: Check, part: str, jobs: list) -> list[dict]:
     """measuring.measure for each (model, mode, batch, size) in a fresh process, as long as
     each fits: the first, then those the file lacks; one measuring.record each (speedup
     against the first row)."""
-    s, a, out, first = check.sizes, check.a, [], None
+    s, args, out, first = check.sizes, check.args, [], None
     have = check.measured(part)
     later = sorted(jobs[1:], key=lambda j: (j[0], j[1].name) in have)
     for model, mode, batch, size in jobs[:1] + later:
@@ -239,10 +235,10 @@ def measure_rows(check: Check, part: str, jobs: list) -> list[dict]:
         if not check.fits(f"{part} {model} {mode.name}", need):
             continue
         start = time.monotonic()
-        args = (model, batch, mode, a.device, s.warmup, s.steps, a.threads, size)
+        job = (model, batch, mode, args.device, s.warmup, s.steps, args.threads, size)
         try:
             times, mem, peak = measuring.call_fresh(
-                measuring.measure, args, timeout=check.timeout(part, need)
+                measuring.measure, job, timeout=check.timeout(part, need)
             )
         except RuntimeError as e:
             print(f"{part} {model} {mode.name} failed: {e}", file=sys.stderr)
@@ -253,7 +249,7 @@ def measure_rows(check: Check, part: str, jobs: list) -> list[dict]:
         row = measuring.summarise(mode, batch, times, mem)
         first = first or row
         flops = measuring.flops_per_img(model, batch, size)
-        pk = measuring.peak_flops(check.machine["device"], mode.amp, a.threads)
+        pk = measuring.peak_flops(check.machine["device"], mode.amp, args.threads)
         record = measuring.record(model, batch, row, first, flops, pk)
         out.append({**record, "abs_peak_bytes": peak})
         print(f"{part} {model} {mode.name}: {row.img_per_s:.1f} img/s, {measuring.mib(mem)} MiB",
@@ -343,13 +339,13 @@ def best_of_rounds(device: torch.device, *runs: Callable[[], object]) -> list[fl
 
 def part_overhead(check: Check) -> dict | None:
     """4. The share of an epoch spent outside the model step, in train.py's default mode."""
-    s, a, mode = check.sizes, check.a, default_mode(check.device)
+    s, args, mode = check.sizes, check.args, default_mode(check.device)
     need = check.row_cost("modes", mode)
     if not check.fits("overhead", need):
         return None
-    args = (s.cifar, s.batch, mode, a.device, s.overhead_steps, a.threads)
+    job = (s.cifar, s.batch, mode, args.device, s.overhead_steps, args.threads)
     try:
-        result = measuring.call_fresh(epoch_overhead, args, timeout=check.timeout("overhead", need))
+        result = measuring.call_fresh(epoch_overhead, job, timeout=check.timeout("overhead", need))
     except RuntimeError as e:
         print(f"overhead failed: {e}", file=sys.stderr)
         return None
@@ -447,14 +443,14 @@ def part_train(check: Check) -> None:
     """5 and 6. train.py on Fashion-MNIST with the paper's recipe, sized to the budget:
     final-epoch test error and wall time; with the resume part, SIGTERM halfway (where the
     second start still fits, as long as the first one took), then --resume."""
-    a, s = check.a, check.sizes
+    args, s = check.args, check.sizes
     epochs, resume = train_epochs(check)
     if not epochs:
         return
-    folder = a.save / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = args.save / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "fashion-mnist",
-           "--data-dir", a.data_dir, "--save", str(folder), "--epochs", str(epochs),
-           "--batch-size", str(s.train_batch), "--device", a.device, "--no-plot",
+           "--data-dir", args.data_dir, "--save", str(folder), "--epochs", str(epochs),
+           "--batch-size", str(s.train_batch), "--device", args.device, "--no-plot",
            *s.train_flags]  # fmt: skip
     go = None  # whether the resumed run fits: decided once, when the stop is due
 
@@ -477,8 +473,8 @@ def part_train(check: Check) -> None:
         "finished": done, "test_err": rows[-1]["test_err"] if rows else None,
         "wall_s": sum(r["seconds"] for r in runs), "train_s": sum(r["seconds"] for r in rows),
         "runs": runs, "rows": rows,
-        "target": "the recipe's 40 epochs: at least 95.6% test accuracy (issue 15); this run "
-                  "is shorter, the recipe's schedule compressed into its epochs",
+        "target": "the recipe's 40 epochs: at least 95.6% test accuracy (the aim set for the "
+                  "recipe); this run is shorter, the recipe's schedule compressed into its epochs",
     })  # fmt: skip
     if len(runs) == 2:
         saved = first["exit"] == SIGTERM_EXIT and (folder / "latest.pt").exists()
@@ -548,27 +544,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--save", type=Path, default=ROOT / "work" / "gpu-check",
                    help="folder for the training runs (default work/gpu-check)")
     # fmt: on
-    a = p.parse_args(argv)
-    device = measuring.select_device(a.device)
-    if a.device == "auto" and device.type != "cuda":
+    args = p.parse_args(argv)
+    device = measuring.select_device(args.device)
+    if args.device == "auto" and device.type != "cuda":
         why = engine.cuda_unusable_reason() or f"torch {torch.__version__} is built without CUDA"
         raise UserError(f"--gpu-check: no usable GPU here ({why}); --device cpu runs it on the CPU")
-    if a.budget <= 0:
-        raise UserError(f"--budget {a.budget:g}: give the seconds the check may take")
-    a.device = str(device)
-    a.parts = [p for p in PARTS if p in a.parts or (p == "train" and "resume" in a.parts)]
-    return a
+    if args.budget <= 0:
+        raise UserError(f"--budget {args.budget:g}: give the seconds the check may take")
+    args.device = str(device)
+    args.parts = [p for p in PARTS if p in args.parts or (p == "train" and "resume" in args.parts)]
+    return args
 
 
-def main(argv: list[str]) -> int:
-    """Plan the budget, run the planned parts in order, then print the table."""
-    a = parse_args(argv)
-    device = torch.device(a.device)
-    machine = measuring.machine_info(device, a.threads, ["--gpu-check", *argv])
+def run(argv: list[str]) -> int:
+    """bench.py --gpu-check: plan the budget, run the planned parts in order, then print the
+    table."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    machine = measuring.machine_info(device, args.threads, ["--gpu-check", *argv])
     name = f"gpu-check-{measuring.device_kind(machine['device'])}.json"
-    out = files.output(a.out or ROOT / "results" / name, "--out", default_name=name).path
-    check = Check(a, out, machine)
-    check.plan(a.parts, a.budget)
+    out = files.output(args.out or ROOT / "results" / name, "--out", default_name=name).path
+    check = Check(args, out, machine)
+    check.plan(args.parts, args.budget)
     steps = {"modes": part_modes, "memory": part_memory, "peers": part_peers,
              "overhead": part_overhead}  # fmt: skip
     for part in PARTS:
@@ -588,6 +585,3 @@ def main(argv: list[str]) -> int:
         print(f"to measure what was skipped: python bench.py --gpu-check --parts {' '.join(again)}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(measuring.command(main, sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Runs grouped by their settings except the seed: each group's test errors as mean ± std
 over its seeds, beside the paper's figure (`plot.py --table`), and its curves as a mean
-with a min-max band (plot.py's figures). Torch-free, like plot.py.
+with a min-max band (training/figures.py). Torch-free, like plot.py.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-import paper
+from training import paper
 
 # Settings that do not make runs different experiments: the seed, how this invocation ran
-# (recipes.INVOCATION and the run's own switches), the device's speed choices
+# (settings.INVOCATION and the run's own switches), the device's speed choices
 # (recipes.device_defaults) and other paths to the same numbers, the machine, and what is
 # derived from the settings (paper_*).
 NOT_COMPARED = frozenset({

@@ -4,7 +4,8 @@ Huang, Liu, van der Maaten, Weinberger, "Densely Connected Convolutional Network
 arXiv 1608.06993v5: Table 2 (error rates on CIFAR and SVHN) and Table 3 (ImageNet validation
 errors, single-crop / 10-crop), and the training settings of Sec. 4.1-4.2. The CIFAR columns
 of Table 2 are also in the authors' README (liuzhuang13/DenseNet, "Results on CIFAR").
-Standard library only, so plot.py imports it cheaply; `python paper.py` prints README's tables.
+Standard library only, so plot.py imports it cheaply; `python -m training.paper` prints README's
+tables.
 """
 
 from __future__ import annotations
