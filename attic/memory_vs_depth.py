@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import densenet
 import sharedstats
-from engine import saved_activation_bytes  # the linear-memory test's measure
+from reference import saved_activation_bytes  # the linear-memory tests' measure
 
 
 def main() -> None:

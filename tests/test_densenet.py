@@ -7,14 +7,14 @@ import functools
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import densenet as D
 import paper
-from engine import saved_activation_bytes
-from reference import assert_same_computation
+from reference import assert_same_computation, saved_activation_bytes
 
 
 def n_params(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ from torch import nn
 import densenet as D
 import reference
 import sharedstats as S
-from engine import saved_activation_bytes
+from reference import saved_activation_bytes
 from test_densenet import _count_calls, _tiny, assert_gradcheck, assert_same_float64_steps
 
 
