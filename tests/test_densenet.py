@@ -199,9 +199,18 @@ def test_memory_efficient_layers_read_one_buffer_per_block():
         assert torch.equal(x, out[:, : x.shape[1]])
 
 
+def _skip_unless_compile_runs() -> None:
+    """Skip where this torch cannot compile on this Python (torch 2.0 on Python 3.11+)."""
+    try:
+        torch._dynamo.eval_frame.check_if_dynamo_supported()
+    except RuntimeError as e:
+        pytest.skip(f"torch.compile does not run here: {e}")
+
+
 def test_memory_efficient_under_compile_equals_plain():
     """torch.compile traces the shared-buffer writes and the checkpoint correctly (and its
     recomputation counts each batch once in the running statistics)."""
+    _skip_unless_compile_runs()
     assert_same_float64_steps(_tiny(True), torch.compile(_tiny(True, memory_efficient=True)))
 
 
