@@ -319,14 +319,21 @@ def test_torchvision_state_dict_loads_strictly(theirs, ours):
     ours().load_state_dict(theirs().state_dict(), strict=True)
 
 
-def test_torchvision_densenet121_same_outputs_via_legacy_checkpoint(tmp_path):
-    torch.manual_seed(0)
+def torchvision_densenet121(seed: int) -> nn.Module:
+    """torchvision's own densenet121, seeded, with non-trivial BN statistics, so that eval
+    mode tests them too."""
+    torch.manual_seed(seed)
     tv = torchvision.models.densenet121()
-    with torch.no_grad():  # non-trivial BN statistics, so eval mode tests them too
+    with torch.no_grad():
         for m in tv.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
+    return tv
+
+
+def test_torchvision_densenet121_same_outputs_via_legacy_checkpoint(tmp_path):
+    tv = torchvision_densenet121(0)
     # Old torchvision files spell dense-layer modules "norm.1"; write one that way.
     legacy = {
         k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v
