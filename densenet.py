@@ -426,9 +426,9 @@ def _checkpoint_first_conv(layer: _DenseLayer, x: Tensor) -> Tensor:
             "export model.eval(), or a model built with memory_efficient=False"
         )
     # Under torch.compile the running-stat update is a traced buffer mutation that happens
-    # once, so only eager mode needs the scratch statistics in its recomputations. (Not on
-    # torch 2.5 and 2.6: their compiled recomputation applies it again, counting each
-    # batch twice; 2.4 and 2.14 count it once.)
+    # once, so only eager mode needs the scratch statistics in its recomputations. Compiled
+    # training equals the plain model's on torch 2.1, 2.4 and 2.12-2.14; 2.5 and 2.6 count
+    # each batch twice in BN's running statistics, and 2.8 and 2.11 fail inside torch.compile.
     first_conv = layer._first_conv if _is_compiling() else _FirstConv(layer)
     # preserve_rng_state=False: nothing random inside, dropout comes after
     return checkpoint(first_conv, x, use_reentrant=False, preserve_rng_state=False)
