@@ -74,7 +74,7 @@ def test_memory_efficient_block_keeps_its_output_and_bottleneck_maps(drop_rate):
 
 def test_memory_efficient_keeps_under_a_quarter_of_plain():
     """DenseNet-BC-100-12: memory_efficient with shared statistics keeps at most 25 % of
-    the bytes the plain model keeps for backward (issue 16's target)."""
+    the bytes the plain model keeps for backward (the target it was built to)."""
     x = torch.randn(4, 3, 32, 32)
     torch.manual_seed(0)
     plain = saved_activation_bytes(D.densenet_cifar(100, 12), x)
