@@ -1,5 +1,6 @@
 """DenseNet (Huang, Liu, van der Maaten, Weinberger, CVPR 2017) in one copyable file.
 
+Needs torch >= 2.0 (tested on 2.0.1 and 2.14.1).
 Imports torch and the standard library only. Module and parameter names follow
 torchvision's DenseNet, so its ImageNet checkpoints load with strict=True.
 The paper's modules come first, then torchvision weight loading, then the
@@ -8,7 +9,6 @@ memory-efficient path (memory_efficient=True): the same results in memory linear
 
 import re
 from collections.abc import Sequence
-from contextlib import nullcontext
 from os import PathLike
 
 import torch
@@ -20,6 +20,16 @@ __all__ = [
     "DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
     "densenet_cifar", "load_torchvision_checkpoint", "load_torchvision_state_dict",
 ]  # fmt: skip
+
+# Feature detection for older torch: torch.compiler.is_compiling arrived in torch 2.3
+# (torch._dynamo's before it) and is_exporting in 2.7. Without is_exporting an export cannot
+# be told apart, so nothing is refused (torch 2.4's export of a training-mode
+# memory-efficient model computes what eager mode does).
+if hasattr(getattr(torch, "compiler", None), "is_compiling"):
+    _is_compiling = torch.compiler.is_compiling
+else:
+    from torch._dynamo import is_compiling as _is_compiling
+_is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", lambda: False)
 
 BN_SIZE = 4  # bottleneck width: the 1x1 conv produces 4k feature maps (paper, Sec. 3)
 
@@ -384,38 +394,44 @@ def _dense(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-class _ScratchRunningStats:
-    """Let a recomputation update throwaway copies of BN's running statistics, so the
-    batch is counted once (torchvision and efficient_densenet_pytorch count it twice).
-    A class, not @contextmanager: each backward through the graph enters it again."""
+class _FirstConv:
+    """layer._first_conv as checkpoint calls it: once in forward, then again in every
+    backward through the graph, where BN updates throwaway copies of its running statistics
+    so that the batch is counted once (torchvision and efficient_densenet_pytorch count it
+    twice). Telling the calls apart here, not with checkpoint's context_fn, runs on torch 2.0."""
 
-    def __init__(self, norm: nn.BatchNorm2d):
-        self.norm = norm
+    def __init__(self, layer: _DenseLayer):
+        self.layer, self.forwarded = layer, False
 
-    def __enter__(self):
-        self.real = dict(self.norm.named_buffers(recurse=False))
-        for name, buf in self.real.items():
-            setattr(self.norm, name, buf.clone())
-
-    def __exit__(self, *exc):
-        for name, buf in self.real.items():
-            setattr(self.norm, name, buf)
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.forwarded:
+            self.forwarded = True
+            return self.layer._first_conv(x)
+        norm = self.layer.norm1
+        real = dict(norm.named_buffers(recurse=False))
+        for name, buf in real.items():
+            setattr(norm, name, buf.clone())
+        try:
+            return self.layer._first_conv(x)
+        finally:
+            for name, buf in real.items():
+                setattr(norm, name, buf)
 
 
 def _checkpoint_first_conv(layer: _DenseLayer, x: Tensor) -> Tensor:
     """layer._first_conv(x), keeping only its (linear-size) output for backward."""
-    if torch.compiler.is_exporting():
+    if _is_exporting():
         raise RuntimeError(
             "torch.export cannot trace memory_efficient=True in training mode (checkpointing): "
             "export model.eval(), or a model built with memory_efficient=False"
         )
     # Under torch.compile the running-stat update is a traced buffer mutation that happens
-    # once, so only eager mode needs the scratch-stats recomputation context.
-    kwargs = {}
-    if not torch.compiler.is_compiling():
-        kwargs["context_fn"] = lambda: (nullcontext(), _ScratchRunningStats(layer.norm1))
+    # once, so only eager mode needs the scratch statistics in its recomputations. Compiled
+    # training equals the plain model's on torch 2.1, 2.4 and 2.12-2.14; 2.5 and 2.6 count
+    # each batch twice in BN's running statistics, and 2.8 and 2.11 fail inside torch.compile.
+    first_conv = layer._first_conv if _is_compiling() else _FirstConv(layer)
     # preserve_rng_state=False: nothing random inside, dropout comes after
-    return checkpoint(layer._first_conv, x, use_reentrant=False, preserve_rng_state=False, **kwargs)
+    return checkpoint(first_conv, x, use_reentrant=False, preserve_rng_state=False)
 
 
 class _Append(torch.autograd.Function):

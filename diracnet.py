@@ -17,6 +17,7 @@ adds the two halves back into x. After training, the parameterisation and every
 BatchNorm fold into one plain conv with bias, which gives a VGG-like network
 (see `fold`).
 
+Needs torch >= 2.0 (tested on 2.0.1 and 2.14.1).
 This file depends on torch and the standard library only; copy it freely.
 """
 

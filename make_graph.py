@@ -32,6 +32,9 @@ def autograd_dot(loss: torch.Tensor, model: nn.Module) -> str:
     """DOT text for the backward graph of loss; parameter leaves carry their module names."""
     names = {id(p): name for name, p in model.named_parameters()}
     ids: dict[int, str] = {}  # id(grad_fn) -> DOT node id
+    # Each grad_fn seen, kept alive: torch 2.4 frees a node's Python object once nothing
+    # holds it and makes a new one on the next access, so a freed id may name another node.
+    kept = []
     lines = [
         "digraph autograd {",
         '  graph [rankdir=TB, fontname="Helvetica"];',
@@ -43,6 +46,7 @@ def autograd_dot(loss: torch.Tensor, model: nn.Module) -> str:
     def node_id(fn) -> str:
         """Return fn's DOT id, emitting its node line the first time it is seen."""
         if id(fn) not in ids:
+            kept.append(fn)
             ids[id(fn)] = f"n{len(ids)}"
             param = getattr(fn, "variable", None)  # AccumulateGrad: a leaf tensor
             if param is not None:

@@ -11,6 +11,7 @@ evaluation, inference without gradients, torch.compile and torch.export take the
 block. Module hooks on the dense layers do not run on this path, it is differentiable
 once, and it cannot be scripted with TorchScript (script the unconverted model).
 Measured and tested on the CPU only (README); on CUDA, torch.compile fuses BN itself.
+Needs torch >= 2.0 (tested on 2.0.1 and 2.14.1).
 Imports torch, the standard library and densenet.py only.
 """
 
@@ -18,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet import _block_buffer, _dense, _DenseBlock, _DenseLayer, _layout
+from densenet import (
+    _block_buffer,
+    _dense,
+    _DenseBlock,
+    _DenseLayer,
+    _is_compiling,
+    _is_exporting,
+    _layout,
+)
 
 __all__ = ["SharedStatsBlock", "convert_shared_stats"]
 
@@ -361,7 +370,7 @@ class SharedStatsBlock(_DenseBlock):
         self.memory_efficient = block.memory_efficient
 
     def forward(self, x: Tensor) -> Tensor:
-        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        traced = _is_compiling() or _is_exporting()
         if self.training and torch.is_grad_enabled() and not traced:
             params = [p for layer in self.values() for p in _layer_params(layer)]
             return _SharedStatsBlock.apply(x, self, *params)

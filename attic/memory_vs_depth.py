@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import densenet
 import sharedstats
-from training.engine import saved_activation_bytes  # the linear-memory test's measure
+from reference import saved_activation_bytes  # the linear-memory tests' measure
 
 
 def main() -> None:
@@ -26,13 +26,13 @@ def main() -> None:
     p.add_argument("--growth", type=int, default=12)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=32)
-    args = p.parse_args()
-    x = torch.randn(args.batch, 3, args.size, args.size)
+    a = p.parse_args()
+    x = torch.randn(a.batch, 3, a.size, a.size)
     print("| depth | plain MiB | memory_efficient MiB | ratio | + shared statistics MiB | ratio |")
     print("|---|---|---|---|---|---|")
     for depth in (40, 70, 100, 160, 250):
         plain, checkpointed, lean = (
-            saved_activation_bytes(build(densenet.densenet_cifar(depth, args.growth, memory_efficient=me)), x) / 2**20
+            saved_activation_bytes(build(densenet.densenet_cifar(depth, a.growth, memory_efficient=me)), x) / 2**20
             for me, build in ((False, lambda m: m), (True, lambda m: m), (True, sharedstats.convert_shared_stats))
         )  # fmt: skip
         print(f"| {depth} | {plain:.0f} | {checkpointed:.0f} | {checkpointed / plain:.2f} "

@@ -1,12 +1,8 @@
-"""What several test files build with: a model's parameter count, a small float64 DenseNet,
-a count of module calls, and a run folder as train.py leaves one."""
+"""What the model tests build with (torch alone, so that they run on the copyable files'
+floor torch): a model's parameter count, a small float64 DenseNet, a count of module calls."""
 
 import collections
-import json
-from collections.abc import Sequence
-from pathlib import Path
 
-import pandas as pd
 import torch
 from torch import nn
 
@@ -46,13 +42,3 @@ def count_calls(model: nn.Module, kind: type) -> collections.Counter:
         if isinstance(m, kind):
             m.register_forward_hook(lambda *_, n=name: counts.update([n]))
     return counts
-
-
-def write_run(folder: Path, log: dict | Sequence[dict], settings: dict | None = None) -> Path:
-    """A run folder as train.py leaves one: log.csv from `log` (columns by name, or rows),
-    and args.json holding `settings` where they are given. Returns the folder."""
-    folder.mkdir(parents=True)
-    pd.DataFrame(log).to_csv(folder / "log.csv", index=False)
-    if settings is not None:
-        (folder / "args.json").write_text(json.dumps(settings))
-    return folder

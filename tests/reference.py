@@ -17,13 +17,12 @@ and two SGD steps side by side.
 
 import copy
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from training import engine
 
 # fp32's unit roundoff: the floor of any fp32 path's distance to float64 (one rounding of
 # the result itself), so a quantity the plain path happens to get exact still has a bound.
@@ -74,6 +73,22 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, amp: str
+) -> Tensor:
+    """One SGD step as train.py takes it (engine.train_step with its loss scaler off: amp
+    "off", "bf16" or "fp16"), in torch alone, so that the tests of the copyable files run on
+    their own torch floor, which the trainer's modules need not import on. Detached logits."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    with nullcontext() if dtype is None else torch.autocast(x.device.type, dtype=dtype):
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return out.detach()
+
+
 def run(
     model: nn.Module,
     x: Tensor,
@@ -82,16 +97,15 @@ def run(
     amp: str = "off",
     optimizer: Callable[[nn.Module], torch.optim.Optimizer] = sgd,
 ) -> Run:
-    """`steps` train.py steps (engine.train_step) of model on the batch (x, y); each step
-    seeds torch's generator with its number, so dropout draws the same on every path."""
+    """`steps` train.py steps (train_step) of model on the batch (x, y); each step seeds
+    torch's generator with its number, so dropout draws the same on every path."""
     opt = optimizer(model)
-    scaler = torch.amp.GradScaler(x.device.type, enabled=False)
     result = Run([], [], [])
     for step in range(steps):
         before = {k: v.to(torch.float64, copy=True) for k, v in model.state_dict().items()
                   if v.is_floating_point()}  # fmt: skip
         torch.manual_seed(step)
-        out = engine.train_step(model, opt, scaler, x, y, amp).double()
+        out = train_step(model, opt, x, y, amp).double()
         result.losses.append(F.cross_entropy(out, y).item())
         result.logits.append(out)
         after = model.state_dict()
@@ -240,3 +254,21 @@ def assert_same_float64_steps(plain: nn.Module, other: nn.Module) -> None:
         torch.testing.assert_close(s, t, rtol=1e-12, atol=1e-12, msg=name)
     for m in (plain, other):
         assert m.features.denseblock1.denselayer2.norm1.num_batches_tracked.item() == 2
+
+
+def saved_activation_bytes(model: nn.Module, x: Tensor) -> int:
+    """Bytes of the activations autograd keeps for one backward of model(x): distinct
+    storages, parameters excluded (DenseNet's parameter count itself grows quadratically
+    with depth). The linear-memory tests and attic/memory_vs_depth.py measure with this."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t: Tensor) -> Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return sum(storages.values())

@@ -14,7 +14,7 @@ from torchvision import datasets
 import plot
 import synthetic
 import train
-from helpers import write_run
+from runfolders import write_run
 from training import paper, recipes
 from training.settings import resolve
 

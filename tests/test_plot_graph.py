@@ -12,7 +12,7 @@ import pytest
 
 import make_graph
 import plot
-from helpers import write_run
+from runfolders import write_run
 from training import figures
 
 ROOT = Path(__file__).resolve().parents[1]

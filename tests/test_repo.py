@@ -1,6 +1,6 @@
-"""The repo's promises to a newcomer: CI runs exactly the README's test command, and the
-code's imports run one way (commands, then the measuring code, the trainer's parts, the
-models)."""
+"""The repo's promises to a newcomer: CI runs exactly the README's test command and tests the
+copyable files on the torch their first lines name, and the code's imports run one way
+(commands, then the measuring code, the trainer's parts, the models)."""
 
 import ast
 import re
@@ -26,6 +26,19 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == test_command
     assert "pip install --quiet -r requirements-dev.txt" in ci
+
+
+def test_copyable_files_name_the_floor_ci_tests_them_on():
+    """Each copyable file's "Needs torch >= X.Y (tested on X.Y.Z and ...)" line names the
+    torch that requirements-floor.txt pins, and CI installs that file."""
+    floor = (ROOT / "requirements-floor.txt").read_text()
+    (pinned,) = re.findall(r"^torch==(\S+)", floor, re.MULTILINE)
+    for name in ("densenet.py", "diracnet.py", "sharedstats.py"):
+        lines = re.findall(r"Needs torch >= (\d+\.\d+) \(tested on (\S+) and \S+\)\.",
+                           (ROOT / name).read_text())  # fmt: skip
+        assert lines == [(pinned.rsplit(".", 1)[0], pinned)], name
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert '"$floor/bin/python" -m pip install --quiet -r requirements-floor.txt' in ci
 
 
 def test_work_folder_is_ignored():

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.collections import PolyCollection
 
 import plot
-from helpers import write_run
+from runfolders import write_run
 from training import figures, paper, recipes, runtables
 from training.settings import INVOCATION, resolve
 

@@ -10,8 +10,7 @@ import densenet as D
 import reference
 import sharedstats as S
 from helpers import count_calls, tiny_densenet
-from reference import assert_gradcheck, assert_same_float64_steps
-from training.engine import saved_activation_bytes
+from reference import assert_gradcheck, assert_same_float64_steps, saved_activation_bytes
 
 
 def _shared(*args, **kwargs) -> D.DenseNet:

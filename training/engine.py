@@ -388,24 +388,3 @@ def step_times(models: dict[str, nn.Module], net: nn.Module, opt, scaler,
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t0)
     return times
-
-
-# ----------------------------------------------------------------------------- measuring
-
-
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the activations autograd keeps for one backward of model(x): distinct
-    storages, parameters excluded (DenseNet's parameter count itself grows quadratically
-    with depth). The linear-memory test and attic/memory_vs_depth.py measure with this."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum().backward()
-    return sum(storages.values())
