@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,36 +20,6 @@ import synthetic
 from training import building, data, engine, recipes
 from training.errors import UserError
 from training.settings import resolve
-
-
-def test_compile_recompiles_nothing_after_the_first_epoch(tmp_path):
-    # The last training batch is dropped and evaluation pads its last batch, so the only
-    # compilations are epoch 1's train and eval graphs; TORCH_LOGS reports any other.
-    # 100 training images and 40 test images: partial last batches on both sides (batch 32)
-    synthetic.make_mnist(tmp_path / "data", "mnist", n_train=100, n_test=40)
-    argv = [
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        tmp_path / "data",
-        "--save",
-        tmp_path / "run",
-        *TINY,
-    ]
-    cache = tmp_path / "inductor"
-    env = {**os.environ, "TORCH_LOGS": "recompiles", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *map(str, argv), "--epochs", "3", "--compile"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=600,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout
-    # It compiled: no eager fallback (which never recompiles), and Inductor built kernels
-    assert "torch.compile failed" not in done.stdout
-    assert any(cache.rglob("*.so")), sorted(p.name for p in cache.rglob("*"))
-    after_first_epoch = done.stdout.split("epoch 1 lr", 1)[1]
-    assert "epoch 3 lr" in after_first_epoch and "Recompiling" not in after_first_epoch
-
 
 FREE_A_BLOCK = """
 import os, sys, torch
@@ -219,15 +190,24 @@ def test_timing_steps_leaves_the_run_bit_for_bit_as_it_was():
     assert torch.equal(ba.generator.get_state(), bb.generator.get_state())
 
 
-def test_a_long_cpu_run_times_compiling_and_records_the_choice(tmp_path):
-    """A real decision on a tiny model: over CPU_COMPILE_MIN_STEPS steps, compiling not
-    typed, the run compiles, times 5 steps each way, says what it chose in one line and
-    records the figures; its first epoch is bit for bit that of a run given the chosen mode."""
-    argv, save = mnist_run(tmp_path)  # 2 steps an epoch: 500 epochs make 1,000 steps
-    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # the reference reuses kernels
+def test_the_cpu_times_compiling_records_the_choice_and_never_recompiles(tmp_path):
+    """One cold compile of a tiny model serves two checks; Inductor's cache carries its
+    kernels from the first run to the others.
+    1. A real decision: over CPU_COMPILE_MIN_STEPS steps, compiling not typed, the run
+       compiles, times 5 steps each way, says what it chose in one line and records the
+       figures; its first epoch is bit for bit that of a run given the chosen mode.
+    2. A run given --compile recompiles nothing after epoch 1: the last training batch is
+       dropped and evaluation pads its last batch, so the only compilations are epoch 1's
+       train and eval graphs; TORCH_LOGS reports any other."""
+    # 100 training images and 40 test images: partial last batches on both sides (batch 32)
+    synthetic.make_mnist(tmp_path / "data", "mnist", n_train=100, n_test=40)
+    argv = ["--dataset", "mnist", "--data-dir", str(tmp_path / "data"), *TINY]
+    epochs = str(-(-recipes.CPU_COMPILE_MIN_STEPS // 3))  # 3 steps an epoch
+    cache = tmp_path / "inductor"
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
 
-    def first_epoch(extra: list[str]) -> str:
-        proc = subprocess_train([*argv, "--epochs", "500", *extra], env)
+    def first_epoch(save: Path, *extra: str) -> str:
+        proc = subprocess_train([*argv, "--save", str(save), "--epochs", epochs, *extra], env)
         lines = []
         for line in proc.stdout:
             lines.append(line)
@@ -238,7 +218,10 @@ def test_a_long_cpu_run_times_compiling_and_records_the_choice(tmp_path):
         assert proc.returncode == 128 + signal.SIGTERM, err
         return "".join(lines)
 
-    out = first_epoch([])
+    save = tmp_path / "run"
+    out = first_epoch(save)
+    # Inductor built kernels: the trial compiled for real
+    assert any(cache.rglob("*.so")), sorted(p.name for p in cache.rglob("*"))
     args = json.loads((save / "args.json").read_text())
     choice = args["compile_measured"]
     assert args["compile"] is choice["compile"] is (choice["speedup"] >= recipes.COMPILE_MARGIN)
@@ -246,8 +229,19 @@ def test_a_long_cpu_run_times_compiling_and_records_the_choice(tmp_path):
     # timing_s spans the timed steps: at least 3 of each 5 are as long as their median
     assert choice["timing_s"] >= 3 * (choice["eager_step_s"] + choice["compiled_step_s"])
     assert recipes.compile_line(choice) + "\n" in out and "compiled the model in" in out
-    assert f"compile {'default' if choice['compile'] else 'off'}, epoch 1 of 500" in out
+    assert f"compile {'default' if choice['compile'] else 'off'}, epoch 1 of {epochs}" in out
     ref = tmp_path / "ref"
-    first_epoch(["--save", str(ref), "--compile" if choice["compile"] else "--no-compile"])
+    first_epoch(ref, "--compile" if choice["compile"] else "--no-compile")
     logs = [pd.read_csv(d / "log.csv").drop(columns="seconds").head(1) for d in (save, ref)]
     pd.testing.assert_frame_equal(*logs, check_exact=True)
+
+    cmd = [sys.executable, str(ROOT / "train.py"), *argv, "--save", str(tmp_path / "compiled"),
+           "--epochs", "3", "--compile"]  # fmt: skip
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, **env, "TORCH_LOGS": "recompiles"}, timeout=600,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    # It compiled: no eager fallback (which never recompiles)
+    assert "torch.compile failed" not in done.stdout and "compiled the model in" in done.stdout
+    after_first_epoch = done.stdout.split("epoch 1 lr", 1)[1]
+    assert "epoch 3 lr" in after_first_epoch and "Recompiling" not in after_first_epoch
