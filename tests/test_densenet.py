@@ -168,27 +168,21 @@ def test_memory_efficient_under_compile_equals_plain():
     assert_same_float64_steps(tiny_densenet(True), torch.compile(tiny_densenet(True, memory_efficient=True)))
 
 
-def _count_norm1_calls(model: D.DenseNet) -> list[int]:
-    calls = [0]
-    # BN, not the conv: recomputation stops early, inside the conv, once all it needs is saved
-    norm = model.features.denseblock1.denselayer2.norm1
-    norm.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
-
-
 def test_recomputation_only_when_training_with_grad():
     model = tiny_densenet(True, memory_efficient=True)
-    calls = _count_norm1_calls(model)
+    calls = count_calls(model, nn.BatchNorm2d)
+    # BN, not the conv: recomputation stops early, inside the conv, once all it needs is saved
+    norm1 = "features.denseblock1.denselayer2.norm1"
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     model(x).sum().backward()
-    assert calls[0] == 2  # forward + recomputation in backward
+    assert calls[norm1] == 2  # forward + recomputation in backward
     model.eval()
     model(x).sum().backward()
-    assert calls[0] == 3  # eval: no checkpoint
+    assert calls[norm1] == 3  # eval: no checkpoint
     model.train()
     with torch.no_grad():
         model(x)
-    assert calls[0] == 4
+    assert calls[norm1] == 4
 
 
 def test_memory_efficient_memory_grows_linearly_with_depth():
