@@ -88,7 +88,7 @@ def default_mode(device: torch.device) -> Mode:
     run as short as the check's: on a CPU, too short to pay back compiling."""
     d = recipes.device_defaults(recipes.probe(device))
     compiles = d["compile"] and device.type != "cpu"
-    compile_mode = d.get("compile_mode") or "default"
+    compile_mode = recipes.COMMON["compile_mode"]  # train.py's --compile-mode
     return Mode("default", d["channels_last"], d["amp"], compile_mode if compiles else None)
 
 

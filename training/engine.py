@@ -135,9 +135,10 @@ def setup_distributed(flag: str) -> Placement:
     """One process per GPU under torchrun (NCCL), or per CPU process (gloo)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = select_device(flag, world, int(os.environ.get("LOCAL_RANK", "0")))
-    if flag == "auto" and device.type == "cpu" and rank == 0 and cuda_unusable_reason():
+    reason = flag == "auto" and device.type == "cpu" and rank == 0 and cuda_unusable_reason()
+    if reason:
         print(f"warning: this torch is built for CUDA {torch.version.cuda} but can use no GPU "
-              f"({cuda_unusable_reason()}); training on the CPU", file=sys.stderr)  # fmt: skip
+              f"({reason}); training on the CPU", file=sys.stderr)  # fmt: skip
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
