@@ -21,10 +21,9 @@ __all__ = [
     "densenet_cifar", "load_torchvision_checkpoint", "load_torchvision_state_dict",
 ]  # fmt: skip
 
-# Feature detection for older torch: torch.compiler.is_compiling arrived in torch 2.3
-# (torch._dynamo's before it) and is_exporting in 2.7. Without is_exporting an export cannot
-# be told apart, so nothing is refused (torch 2.4's export of a training-mode
-# memory-efficient model computes what eager mode does).
+# Older torch: torch.compiler.is_compiling arrived in 2.3 (torch._dynamo's before it), and
+# is_exporting in 2.7; without it no export is refused (torch 2.4's export of a
+# training-mode memory-efficient model computes what eager mode does).
 if hasattr(getattr(torch, "compiler", None), "is_compiling"):
     _is_compiling = torch.compiler.is_compiling
 else:
@@ -425,10 +424,9 @@ def _checkpoint_first_conv(layer: _DenseLayer, x: Tensor) -> Tensor:
             "torch.export cannot trace memory_efficient=True in training mode (checkpointing): "
             "export model.eval(), or a model built with memory_efficient=False"
         )
-    # Under torch.compile the running-stat update is a traced buffer mutation that happens
-    # once, so only eager mode needs the scratch statistics in its recomputations. Compiled
-    # training equals the plain model's on torch 2.1, 2.4 and 2.12-2.14; 2.5 and 2.6 count
-    # each batch twice in BN's running statistics, and 2.8 and 2.11 fail inside torch.compile.
+    # Compiled, BN's running-stat update is a traced mutation that happens once: only eager
+    # mode needs _FirstConv. Compiled training equals the plain model's on torch 2.1, 2.4 and
+    # 2.12-2.14; 2.5 and 2.6 count each batch twice, and 2.8 and 2.11 fail inside compile.
     first_conv = layer._first_conv if _is_compiling() else _FirstConv(layer)
     # preserve_rng_state=False: nothing random inside, dropout comes after
     return checkpoint(first_conv, x, use_reentrant=False, preserve_rng_state=False)
