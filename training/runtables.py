@@ -18,14 +18,14 @@ from training import paper
 
 # Settings that do not make runs different experiments: the seed, how this invocation ran
 # (settings.INVOCATION and the run's own switches), the device's speed choices
-# (recipes.device_defaults) and other paths to the same numbers, the machine, and what is
-# derived from the settings (paper_*).
+# (recipes.device_defaults, and the timing behind the CPU's compile choice) and other paths
+# to the same numbers, the machine, and what is derived from the settings (paper_*).
 NOT_COMPARED = frozenset({
     "seed",
     "resume", "device", "evaluate", "pretrained", "export", "save", "plot", "tensorboard",
     "data_dir", "workers",
-    "amp", "channels_last", "compile", "compile_mode", "device_chose", "memory_efficient",
-    "shared_stats", "deterministic",
+    "amp", "channels_last", "compile", "compile_mode", "device_chose", "compile_measured",
+    "memory_efficient", "shared_stats", "deterministic",
     "torch", "host",
 })  # fmt: skip
 # Settings the model and data columns show already.
