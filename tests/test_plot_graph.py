@@ -198,6 +198,15 @@ def test_each_run_has_its_marked_point_in_its_colour(tmp_path):
     assert not [line for line in err_fig.axes[1].get_lines() if line.get_marker() == "*"]
 
 
+def test_a_step_schedule_marks_its_drops_and_cosine_none(tmp_path):
+    step = figures.load_log(plausible_run(tmp_path / "step"))  # 0.1, 0.01 from 7, 0.001 from 10
+    cosine = step.assign(lr=[0.05 * (1 + math.cos(math.pi * e / 12)) for e in range(12)])
+    for log, drops in [(step, [7, 10]), (cosine, [])]:
+        err_fig = figures.figures([("run", log)])[1]
+        rules = [line for line in err_fig.axes[0].get_lines() if line.get_linestyle() == ":"]
+        assert [line.get_xdata()[0] for line in rules] == drops
+
+
 def test_plot_refuses_a_folder_that_does_not_exist(tmp_path):
     good = plausible_run(tmp_path / "good")
     missing = tmp_path / "no such run"

@@ -132,9 +132,10 @@ def plot_metric(
                 )
                 values.extend(df[col].dropna().tolist())
                 values.extend(draw_band(ax, df, col, color, SPLIT_ALPHA[split]))
-        if "lr" in df.columns:  # mark learning-rate drops with faint vertical lines
+        if "lr" in df.columns:  # mark a step schedule's drops with faint vertical lines
             drops = df["epoch"][df["lr"] < df["lr"].shift()]
-            for epoch in drops:
+            stepped = len(drops) <= len(df) / 2  # under cosine the lr falls every epoch
+            for epoch in drops if stepped else []:
                 ax.axvline(epoch, color=color, linestyle=":", alpha=0.3)
     positive = [v for v in values if v > 0]
     if positive and (not log_rule or max(positive) > LOG_SPAN * min(positive)):
