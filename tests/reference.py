@@ -229,7 +229,8 @@ def assert_gradcheck(model: nn.Module) -> None:
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+def _forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    """model(x), with the loss's gradients accumulated (no optimizer step)."""
     torch.manual_seed(seed)  # same dropout masks on both paths
     out = model(x)
     F.cross_entropy(out, y).backward()
@@ -245,8 +246,8 @@ def assert_same_float64_steps(plain: nn.Module, other: nn.Module) -> None:
     # float64, the same computation: outputs within 1e-12 (2^-53 times little amplification),
     # gradients 1e-10 (BN's backward at initialisation amplifies up to 10^5: SAME_IN_FLOAT64)
     for step in range(2):
-        a = _train_step(plain, x, y, step)
-        b = _train_step(other, x, y, step)
+        a = _forward_backward(plain, x, y, step)
+        b = _forward_backward(other, x, y, step)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for (name, p), q in zip(plain.named_parameters(), other.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
