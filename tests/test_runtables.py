@@ -188,6 +188,18 @@ def test_the_figures_draw_seeds_as_a_band_around_their_mean(tmp_path):
     assert plot.main([*map(str, runs), "--out", str(tmp_path / "figs")]) == 0
 
 
+def test_a_lone_unfinished_run_says_how_far_it_got_in_the_legend(tmp_path):
+    running = resolved_run(tmp_path / "running", BC_100_12, [50.0, 20.0], epochs=100)
+    done = resolved_run(tmp_path / "done", DENSENET_40_12, [50.0, 20.0, 10.0])
+    no_args = write_run(tmp_path / "no-args", pd.read_csv(running / "log.csv").to_dict("list"))
+    labels = [label for label, _ in figures.curves([running, done, no_args])]
+    assert labels == [
+        f"{figures.run_label(running)}: 2 of 100 epochs",
+        figures.run_label(done),
+        "no-args",
+    ]
+
+
 def test_settings_that_do_not_make_another_experiment_cover_the_trainers():
     assert set(INVOCATION) <= runtables.NOT_COMPARED
     assert set(recipes.device_defaults(CPU)) | {"device_chose"} <= runtables.NOT_COMPARED

@@ -210,8 +210,15 @@ def curves(run_dirs: Sequence[Path | str]) -> list[tuple[str, pd.DataFrame]]:
         df = load_log(run_dir)
         if df is not None:
             runs.append(runtables.Run(run_dir, runtables.read_settings(run_dir) or {}, df))
-    return [(run_label(g[0].folder), g[0].log) if len(g) == 1 else runtables.band(g)
+    return [(single_label(g[0]), g[0].log) if len(g) == 1 else runtables.band(g)
             for g in runtables.group(runs)]  # fmt: skip
+
+
+def single_label(run: runtables.Run) -> str:
+    """A lone run's legend label; one still running or stopped says how far it got, so its
+    last point does not read as a final result."""
+    label = run_label(run.folder)
+    return label if run.finished or not run.settings.get("epochs") else f"{label}: {run.progress}"
 
 
 def figures(runs: list[tuple[str, pd.DataFrame]]) -> tuple[Figure, Figure]:

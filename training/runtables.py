@@ -56,6 +56,10 @@ class Run:
         return self.epochs_done >= int(self.settings.get("epochs") or 0) > 0
 
     @property
+    def progress(self) -> str:
+        return f"{self.epochs_done} of {self.settings.get('epochs')} epochs"
+
+    @property
     def final_test_err(self) -> float:
         return float(self.log["test_err"].iloc[-1])
 
@@ -172,8 +176,7 @@ def summary(runs: list[Run], varying: Sequence[str]) -> dict:
         "paper_reported": found.reported if found else "",
         "paper_differs": ", ".join(found.differs) if found else "",
         "difference": ours - found.test_err if found else math.nan,
-        "unfinished": " ".join(f"{r.folder.name} ({r.epochs_done} of {r.settings.get('epochs')} epochs)"
-                               for r in runs if not r.finished),
+        "unfinished": " ".join(f"{r.folder.name} ({r.progress})" for r in runs if not r.finished),
     }  # fmt: skip
 
 
