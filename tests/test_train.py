@@ -358,9 +358,12 @@ def wait_for_rows(log: Path, rows: int, proc: subprocess.Popen) -> None:
     raise AssertionError(f"{log}: fewer than {rows} rows in time")
 
 
-def stop_mid_epoch_and_resume(tmp_path: Path, argv: list[str], save: Path, signum: int) -> None:
-    """Run argv uninterrupted into ref/; run it again, send signum once epoch 1 is logged
-    (40 steps an epoch: it lands mid-epoch 2), resume: the two runs end bit for bit equal."""
+def stop_mid_epoch_and_resume(tmp_path: Path, extra: list[str], signum: int) -> Path:
+    """A 3-epoch MNIST run of 40 steps an epoch with the extra flags, uninterrupted into ref/;
+    again, sent signum once epoch 1 is logged (it lands mid-epoch 2), then resumed: the two
+    runs end bit for bit equal. Returns the resumed run's folder."""
+    argv, save = mnist_run(tmp_path, n_train=1280)  # 40 steps per epoch
+    argv = [*argv, "--epochs", "3", *extra]
     ref = subprocess_train([*argv, "--save", str(tmp_path / "ref")])
     assert ref.wait(timeout=300) == 0
     proc = subprocess_train(argv)
@@ -374,21 +377,18 @@ def stop_mid_epoch_and_resume(tmp_path: Path, argv: list[str], save: Path, signu
     resumed = subprocess_train([*argv, "--resume"])
     assert resumed.wait(timeout=300) == 0
     assert_same_run(tmp_path / "ref", save)
+    return save
 
 
 def test_resume_after_sigterm_mid_epoch_is_bit_exact(tmp_path):
-    argv, save = mnist_run(tmp_path, n_train=1280)  # 40 steps per epoch
-    stop_mid_epoch_and_resume(tmp_path, [*argv, "--epochs", "3", "--drop-rate", "0.1"], save,
-                              signal.SIGTERM)  # fmt: skip
+    stop_mid_epoch_and_resume(tmp_path, ["--drop-rate", "0.1"], signal.SIGTERM)
 
 
 def test_cosine_resumes_after_ctrl_c_mid_epoch_on_the_same_lr_sequence(tmp_path):
     """--schedule cosine changes the lr every step: stopped mid-epoch by Ctrl-C (SIGINT) and
     resumed, the run ends bit for bit as an uninterrupted one, and log.csv's lr is each
     epoch's first step's."""
-    argv, save = mnist_run(tmp_path, n_train=1280)  # 40 steps per epoch
-    argv = [*argv, "--epochs", "3", "--schedule", "cosine", "--lr", "0.05"]
-    stop_mid_epoch_and_resume(tmp_path, argv, save, signal.SIGINT)
+    save = stop_mid_epoch_and_resume(tmp_path, ["--schedule", "cosine", "--lr", "0.05"], signal.SIGINT)
     first_steps = [0.05 * (1 + math.cos(math.pi * e * 40 / 120)) / 2 for e in range(3)]
     assert list(pd.read_csv(save / "log.csv").lr) == pytest.approx(first_steps, rel=1e-5)
     args = json.loads((save / "args.json").read_text())
